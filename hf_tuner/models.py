@@ -1,0 +1,59 @@
+"""Load a model and its tokenizer for a task, from an asset name, a local folder or a Hub id."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hf_tuner import assets
+
+TASK_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+def check_model_source(name_or_path: str) -> str:
+    """Resolve and check a model reference before anything loads; offline Hub ids must be cached."""
+    resolved = assets.resolve(name_or_path)
+    if not os.path.exists(resolved) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+            raise assets.AssetError(
+                f"model {name_or_path!r} is neither an asset, a local folder nor in the Hugging Face cache, and "
+                f"HF_HUB_OFFLINE=1 forbids downloading it; known assets: {', '.join(assets.ASSETS)}")
+    return resolved
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right", revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(check_model_source(name_or_path), revision=revision)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; labels mask it out
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
+               revision: str | None = None, attn_implementation: str | None = None, **kwargs):
+    """(model, tokenizer) for `task`, one of TASK_CLASSES. Weights stay fp32 unless dtype says otherwise:
+    mixed precision (bf16=True) autocasts at train time and keeps fp32 master weights."""
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASK_CLASSES)}")
+    path = check_model_source(name_or_path)
+    if isinstance(dtype, str) and dtype not in ("auto",):
+        dtype = getattr(torch, dtype)
+    auto_cls = getattr(transformers, TASK_CLASSES[task])
+    model = auto_cls.from_pretrained(path, dtype=dtype, revision=revision,
+                                     attn_implementation=attn_implementation, **kwargs)
+    tokenizer = load_tokenizer(name_or_path, revision=revision)
+    if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
