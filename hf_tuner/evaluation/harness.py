@@ -19,13 +19,17 @@ def _prompt_text(tokenizer, messages: list[dict]) -> str:
 
 @torch.no_grad()
 def reference_perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int) -> float:
-    """Token-weighted perplexity of each reference (plus the end-of-turn token) given its prompt."""
+    """Token-weighted perplexity of each reference (plus the end-of-turn token) given its prompt.
+
+    Rows are left-padded so every reference ends at the last position; the output layer then runs on
+    the last few positions only (`logits_to_keep`), not over long few-shot prompts.
+    """
     eos = tokenizer.eos_token or ""
     pairs = []
     for prompt, ref in zip(prompts, references):
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         full = tokenizer(prompt + ref + eos, add_special_tokens=False)["input_ids"]
-        pairs.append((full, len(p_ids)))
+        pairs.append((full, len(full) - n_prompt))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     was_training = model.training
@@ -35,14 +39,17 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
         for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", unit="batch", leave=False):
             batch = pairs[start:start + batch_size]
             width = max(len(ids) for ids, _ in batch)
+            keep = max(n_ref for _, n_ref in batch) + 1  # +1: the last prompt token predicts the first answer token
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention = torch.zeros_like(input_ids)
-            labels = torch.full_like(input_ids, -100)
-            for row, (ids, n_prompt) in enumerate(batch):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention[row, :len(ids)] = 1
-                labels[row, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+            labels = torch.full((len(batch), keep), -100, dtype=torch.long)
+            for row, (ids, n_ref) in enumerate(batch):
+                input_ids[row, width - len(ids):] = torch.tensor(ids)
+                attention[row, width - len(ids):] = 1
+                labels[row, keep - n_ref:] = torch.tensor(ids[len(ids) - n_ref:])
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                           position_ids=position_ids.to(device), logits_to_keep=keep).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
             loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                                      shift_labels.reshape(-1), ignore_index=-100, reduction="sum")

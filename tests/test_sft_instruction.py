@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from hf_tuner.config import ConfigError
+from hf_tuner.data import DataError
+from recipes.sft_instruction import train
+
+RUN_FILES = ["config.yaml", "metrics.json", "report.md", "log_history.json", "metrics.png", "loss.png",
+             "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer_config.json"]
+
+
+def _config(tmp_path, data_file, **overrides):
+    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data_file), "output_dir": str(tmp_path / "run"),
+           "eval_samples": 4, "few_shot": 2, "eval_batch_size": 4, "eval_max_new_tokens": 6,
+           "per_device_train_batch_size": 4, "max_steps": 20, "learning_rate": 1e-2, "lora_r": 8,
+           "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": ["tensorboard"],
+           "gradient_checkpointing": False, "bf16": False, "seed": 0, "num_threads": 2}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("sft")
+    from conftest import WORDS
+
+    rows = [{"prompt": f"Define the word '{w}'.", "completion": f"a kind of {w} that is used in the house"}
+            for w in WORDS * 2]
+    data = write_jsonl(tmp / "defs.jsonl", rows)
+    return train(_config(tmp, data)), tmp
+
+
+def test_loss_falls(finished_run):
+    result, _ = finished_run
+    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.5, (first, last)  # nats; a uniform guess over the tiny vocab is 6.93
+
+
+def test_run_folder_is_complete(finished_run):
+    result, _ = finished_run
+    for name in RUN_FILES:
+        assert (result.output_dir / name).exists(), name
+    assert list((result.output_dir / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "baselines", "tuned", "train"}
+    assert set(metrics["baselines"]) == {"few_shot_2"}
+    for part in (metrics["base"], metrics["baselines"]["few_shot_2"], metrics["tuned"]):
+        assert {"rouge1", "rouge2", "rougeL", "bleu", "perplexity"} <= set(part)
+        assert 0 <= part["rougeL"] <= 1 and 0 <= part["bleu"] <= 100
+    assert metrics["train"]["train_tokens_per_s"] > 0 and metrics["train"]["runtime_s"] > 0
+    # the tuned model fits the held-out answers better than the untrained base
+    assert metrics["tuned"]["perplexity"] < 0.5 * metrics["base"]["perplexity"]
+    report = (result.output_dir / "report.md").read_text()
+    assert "| tuned |" in report and "base (few_shot_2)" in report and "Example generations" in report
+
+
+def test_reloaded_adapter_gives_the_same_logits(finished_run, tiny_llama):
+    from peft import AutoPeftModelForCausalLM
+
+    result, _ = finished_run
+    batch = result.tokenizer(["Define the word 'lamp'.", "a kind of"], return_tensors="pt", padding=True)
+    result.model.eval()
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(result.output_dir / "adapter").eval()
+    with torch.no_grad():
+        expected = result.model(**batch).logits
+        got = reloaded(**batch).logits
+    assert torch.allclose(expected, got, atol=1e-5)
+    base = AutoPeftModelForCausalLM.from_pretrained(result.output_dir / "adapter").eval()
+    with base.disable_adapter(), torch.no_grad():
+        assert not torch.allclose(base(**batch).logits, got, atol=1e-3)  # the adapter changed something
+
+
+def test_existing_run_folder_is_refused_before_loading(finished_run, definitions_file):
+    result, tmp = finished_run
+    before = (result.output_dir / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match="already exists"):
+        train(_config(tmp, definitions_file))
+    assert (result.output_dir / "metrics.json").read_text() == before
+
+
+def test_bad_data_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import hf_tuner.models
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model must not load for bad data")
+
+    monkeypatch.setattr(hf_tuner.models, "load_model", no_loading)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q?", "completion": "A."}, {"prompt": "Q2?"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl row 2: missing column `completion`"):
+        train(_config(tmp_path, bad))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_model_asset_lists_known_ones(tmp_path, definitions_file):
+    from hf_tuner.assets import AssetError
+
+    with pytest.raises(AssetError, match="known assets"):
+        train(_config(tmp_path, definitions_file, model_name_or_path="tiny-gpt"))
