@@ -1,10 +1,12 @@
-"""`hf-tuner` command line: assets, train."""
+"""`hf-tuner` command line: assets, train, eval, score, compare."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
 
 from hf_tuner import assets
 
@@ -32,6 +34,58 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _read_lines(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file")
+    lines = p.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty file")
+    return lines
+
+
+def _score(args: argparse.Namespace) -> int:
+    from hf_tuner.evaluation.metrics import LABEL_METRICS, TEXT_METRICS, label_metrics, text_metrics
+
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in names if m not in TEXT_METRICS + LABEL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(TEXT_METRICS + LABEL_METRICS)}")
+    preds, refs = _read_lines(args.predictions), _read_lines(args.references)
+    if len(preds) != len(refs):
+        raise ValueError(f"{args.predictions} has {len(preds)} lines but {args.references} has {len(refs)}")
+    out = {}
+    text = [m for m in names if m in TEXT_METRICS]
+    if text:
+        out.update(text_metrics(preds, refs, text))
+    labels = [m for m in names if m in LABEL_METRICS]
+    if labels:
+        out.update(label_metrics([p.strip() for p in preds], [r.strip() for r in refs], labels, args.average))
+    print(json.dumps({m: out[m] for m in names}, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hf_tuner.evaluation.checkpoint_eval import evaluate_checkpoint
+
+    record = evaluate_checkpoint(
+        args.model, args.task, args.output_dir, adapter=args.adapter,
+        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
+        decoding=[d.strip() for d in args.decoding.split(",") if d.strip()],
+        eval_samples=args.eval_samples, split_seed=args.split_seed, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed)
+    print(f"\n{record['eval_examples']} held-out examples, written to {args.output_dir}:\n{record['table']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from hf_tuner.evaluation.compare import compare_runs
+
+    print(compare_runs(args.run_dirs, args.output))
+    print(f"\nwritten to {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-tuner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,14 +94,35 @@ def main(argv: list[str] | None = None) -> int:
     p_assets.add_argument("names", nargs="*", help=f"asset names (default for fetch: {' '.join(assets.DEFAULT_FETCH)})")
     p_train = sub.add_parser("train", help="run a recipe: hf-tuner train RECIPE --config FILE [--key value ...]")
     p_train.add_argument("recipe", choices=RECIPES)
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint (and adapter) under baselines x decoding strategies")
+    p_eval.add_argument("--model", required=True, help="asset name, local folder or Hub id")
+    p_eval.add_argument("--adapter", help="a PEFT adapter folder to put on the model")
+    p_eval.add_argument("--task", required=True, help="wordnet-definitions or a .jsonl/.json/.csv file")
+    p_eval.add_argument("--baselines", default="zero_shot", help="comma list: zero_shot, one_shot, few_shot_K")
+    p_eval.add_argument("--decoding", default="greedy", help="comma list: greedy, beam, sampling, top_k, top_p")
+    p_eval.add_argument("--output_dir", required=True)
+    p_eval.add_argument("--eval_samples", type=int, default=200)
+    p_eval.add_argument("--split_seed", type=int, default=0)
+    p_eval.add_argument("--max_new_tokens", type=int, default=48)
+    p_eval.add_argument("--batch_size", type=int, default=16)
+    p_eval.add_argument("--seed", type=int, default=0)
+    p_score = sub.add_parser("score", help="score predictions against references, one text per line")
+    p_score.add_argument("--predictions", required=True)
+    p_score.add_argument("--references", required=True)
+    p_score.add_argument("--metrics", default="bleu,rouge1,rouge2,rougeL,exact_match")
+    p_score.add_argument("--average", choices=["binary", "macro", "micro", "weighted"],
+                         help="for precision/recall/f1 (default: binary for two labels, else macro)")
+    p_compare = sub.add_parser("compare", help="one table over several run folders")
+    p_compare.add_argument("run_dirs", nargs="+")
+    p_compare.add_argument("--output", default="comparison.md")
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command == "assets":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            return _assets(args)
-        return _train(args, rest)
-    except assets.AssetError as e:
+        if args.command == "train":
+            return _train(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare}[args.command](args)
+    except (assets.AssetError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -62,7 +62,8 @@ class RunArguments:
     eval_max_new_tokens: int = field(default=48, metadata={"help": "new tokens generated per held-out prompt"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message; None keeps the template's"})
     report_examples: int = field(default=5, metadata={"help": "example generations shown in report.md"})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)"})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (None: the available cores, split between local processes)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an existing run folder first"})
 
 
@@ -231,23 +232,10 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
     return RunConfig(run, script, training, model)
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def cpu_supports_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively and beat fp32 (measured 2x on this project's CPUs)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, Any]:
     """TRL configs default to bf16, which fails at config time on a CPU unless use_cpu is set."""
+    from hf_tuner.devices import cpu_supports_bf16, cuda_available
+
     given = set(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     out = dict(mapping)
     if not cuda_available():

@@ -60,10 +60,10 @@ def _train_dataset(rows: list[dict], system_prompt: str | None):
 
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
-    import torch
     from trl import SFTTrainer
 
     from hf_tuner.adapters import peft_config_from
+    from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
@@ -79,8 +79,7 @@ def train(config=None) -> RunResult:
     train_rows, held_rows = _check_and_load_data(cfg)
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
-    if run.num_threads:
-        torch.set_num_threads(run.num_threads)
+    set_cpu_threads(run.num_threads)
 
     # 2. load
     model, tokenizer = load_model(mcfg.model_name_or_path, "causal-lm", dtype=mcfg.dtype,

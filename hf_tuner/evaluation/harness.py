@@ -8,8 +8,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from hf_tuner.evaluation.metrics import TEXT_METRICS, text_metrics
-from hf_tuner.evaluation.tasks import GenerationTask
+from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, text_metrics
+from hf_tuner.evaluation.tasks import ClassificationTask, GenerationTask
 from hf_tuner.generation import DecodingSettings, generate_batched
 
 
@@ -60,21 +60,76 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     return math.exp(nll / max(count, 1))
 
 
-def evaluate_model(model, tokenizer, task: GenerationTask, settings: DecodingSettings) -> dict:
-    """Generate for every held-out row and score it. Returns {"metrics", "predictions", "seconds"}."""
+def _is_classifier(model) -> bool:
+    return model.__class__.__name__.endswith("ForSequenceClassification") or (
+        hasattr(model, "base_model") and hasattr(model, "peft_config")
+        and model.get_base_model().__class__.__name__.endswith("ForSequenceClassification"))
+
+
+@torch.no_grad()
+def classifier_predictions(model, tokenizer, texts: list[str], batch_size: int) -> list[int]:
+    """Argmax class ids from a sequence classifier's logits, batched."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="classify", unit="batch", leave=False):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            out += model(**batch.to(device)).logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _evaluate_classification(model, tokenizer, task: ClassificationTask, settings: DecodingSettings) -> dict:
+    references = [row["label"] for row in task.rows]
+    if _is_classifier(model):
+        ids = classifier_predictions(model, tokenizer, [row["text"] for row in task.rows], settings.batch_size)
+        predictions = [task.labels[i] for i in ids]
+        texts = [str(p) for p in predictions]
+        unparsed = 0
+    else:  # a causal LM answers with a label word
+        prompts = [_prompt_text(tokenizer, task.messages(row)) for row in task.rows]
+        texts = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
+        predictions = [task.parse_label(t) for t in texts]
+        unparsed = sum(p is None for p in predictions)
+        # An answer that names no label counts as wrong: score it as a label no reference has.
+        predictions = ["<none>" if p is None else p for p in predictions]
+    metrics = label_metrics(predictions, references, task.metrics, task.average, labels=list(task.labels))
+    metrics["unparsed"] = float(unparsed)
+    return {"metrics": metrics, "predictions": texts, "references": [str(r) for r in references]}
+
+
+def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = None) -> dict:
+    """Evaluate one model on one task: {"metrics", "predictions", "references", "seconds", "seconds_per_example"}.
+
+    The same call serves the base model, the prompting baselines (tasks with shots) and the tuned
+    model, so their numbers are comparable. GenerationTask: generate and score text (plus perplexity of
+    the references); ClassificationTask: from a classifier's logits, or a causal LM's label word.
+    """
+    settings = settings or DecodingSettings()
     start = time.perf_counter()
+    if isinstance(task, ClassificationTask):
+        result = _evaluate_classification(model, tokenizer, task, settings)
+    elif isinstance(task, GenerationTask):
+        result = _evaluate_generation(model, tokenizer, task, settings)
+    else:
+        raise TypeError(f"unknown task type {type(task).__name__}")
+    result["seconds"] = time.perf_counter() - start
+    result["seconds_per_example"] = result["seconds"] / max(len(task.rows), 1)
+    return result
+
+
+def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: DecodingSettings) -> dict:
     prompts = [_prompt_text(tokenizer, task.messages(row)) for row in task.rows]
     references = [task.reference(row) for row in task.rows]
     metrics: dict[str, float] = {}
     predictions: list[str] = []
     wanted_text = [m for m in task.metrics if m in TEXT_METRICS]
-    if wanted_text or "mean_length" in task.metrics:
+    if wanted_text:
         predictions = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
-        if wanted_text:
-            metrics.update(text_metrics(predictions, references, wanted_text))
-        if "mean_length" in task.metrics:
-            metrics["mean_length"] = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
+        metrics.update(text_metrics(predictions, references, wanted_text))
     if "perplexity" in task.metrics:
         metrics["perplexity"] = reference_perplexity(model, tokenizer, prompts, references, settings.batch_size)
-    return {"metrics": metrics, "predictions": predictions, "references": references,
-            "seconds": time.perf_counter() - start}
+    return {"metrics": metrics, "predictions": predictions, "references": references}

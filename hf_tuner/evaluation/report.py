@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 # Metrics shown in tables, in this order, with the direction that counts as better.
-TABLE_METRICS = {"rouge1": "higher", "rouge2": "higher", "rougeL": "higher", "bleu": "higher",
-                 "perplexity": "lower", "mean_length": None}
+TABLE_METRICS = {"accuracy": "higher", "precision": "higher", "recall": "higher", "f1": "higher",
+                 "rouge1": "higher", "rouge2": "higher", "rougeL": "higher", "bleu": "higher",
+                 "exact_match": "higher", "perplexity": "lower", "distinct_2": "higher", "mean_length": None,
+                 "seconds_per_example": "lower"}
+TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example"}
 
 
 def comparison(metrics: dict) -> list[tuple[str, dict]]:
@@ -23,8 +26,7 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     header = "| model | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for label, r in rows:
-        cells = [f"{r[m]:.2f}" if m in ("bleu", "perplexity", "mean_length") else f"{r[m]:.3f}"
-                 if m in r else "" for m in names]
+        cells = [("" if m not in r else f"{r[m]:.2f}" if m in TWO_DECIMALS else f"{r[m]:.3f}") for m in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -39,7 +41,7 @@ def plot_metrics(rows: list[tuple[str, dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in ("rouge1", "rouge2", "rougeL") if all(m in r for _, r in rows)]
+    names = [m for m in ("accuracy", "f1", "rouge1", "rouge2", "rougeL") if all(m in r for _, r in rows)]
     if not names:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -47,7 +49,7 @@ def plot_metrics(rows: list[tuple[str, dict]], path: Path) -> None:
     for k, (label, r) in enumerate(rows):
         ax.bar([i + k * width for i in range(len(names))], [r[m] for m in names], width, label=label)
     ax.set_xticks([i + width * (len(rows) - 1) / 2 for i in range(len(names))], names)
-    ax.set_ylabel("F-measure")
+    ax.set_ylabel("score (0-1)")
     ax.set_title("held-out metrics: base vs tuned")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field, replace
 
-from hf_tuner.evaluation.metrics import TEXT_METRICS
+from hf_tuner.evaluation.metrics import LABEL_METRICS, ROUGE_TYPES
+from hf_tuner.prompts import PromptTemplate, draw_shots
 
 
 @dataclass
 class GenerationTask:
     """Chat prompts answered by generation, scored against one reference answer per row.
 
-    rows: {"prompt": [messages], "completion": [one assistant message]}.
+    rows: {"prompt": [messages], "completion": [one assistant message], "group": split unit}.
     shots: worked examples put before each prompt as earlier chat turns (few-shot baselines);
-    they must come from the training split.
+    they come from the training split only.
     """
 
     name: str
     rows: list[dict]
-    metrics: tuple[str, ...] = (*TEXT_METRICS, "perplexity", "mean_length")
+    metrics: tuple[str, ...] = (*ROUGE_TYPES, "bleu", "distinct_1", "distinct_2", "mean_length", "perplexity")
     system_prompt: str | None = None
     shots: list[dict] = field(default_factory=list)
 
@@ -35,9 +35,45 @@ class GenerationTask:
 
     def with_shots(self, k: int, train_rows: list[dict], seed: int) -> "GenerationTask":
         """The same task with k examples drawn, with a fixed seed, from the training rows only."""
-        if k > len(train_rows):
-            raise ValueError(f"{k}-shot needs {k} training rows, there are {len(train_rows)}")
         held = {r.get("group") for r in self.rows}
-        pool = [r for r in train_rows if r.get("group") not in held]
-        shots = random.Random(seed).sample(pool, k)
+        shots = draw_shots(train_rows, k, seed, exclude_groups=held)
+        return replace(self, name=f"{self.name}/few_shot_{k}", shots=shots)
+
+
+@dataclass
+class ClassificationTask:
+    """Rows {"text", "label"} scored by accuracy/precision/recall/F1.
+
+    A sequence classifier is scored from its logits (class id i = labels[i]). A causal LM is prompted
+    with `template` (plus shots) and its generated text is mapped back to a label through `label_words`.
+    """
+
+    name: str
+    rows: list[dict]
+    labels: list
+    metrics: tuple[str, ...] = LABEL_METRICS
+    average: str | None = None  # None: binary for two labels, macro otherwise
+    label_words: dict | None = None  # label -> word the LM should answer with
+    template: PromptTemplate | None = None
+    shots: list[dict] = field(default_factory=list)
+
+    def word_of(self, label) -> str:
+        return (self.label_words or {}).get(label, str(label))
+
+    def messages(self, row: dict) -> list[dict]:
+        template = self.template or PromptTemplate(
+            instruction="Classify the text. Answer with one word: " + ", ".join(map(self.word_of, self.labels)) + ".")
+        return template.messages(row, shots=[(s, self.word_of(s["label"])) for s in self.shots])
+
+    def parse_label(self, generated: str):
+        """The label whose word appears first in the generation; None if none does."""
+        text = generated.lower()
+        found = [(text.find(self.word_of(label).lower()), i) for i, label in enumerate(self.labels)]
+        found = [(pos, i) for pos, i in found if pos >= 0]
+        return self.labels[min(found)[1]] if found else None
+
+    def with_shots(self, k: int, train_rows: list[dict], seed: int) -> "ClassificationTask":
+        held = {r.get("group", r["text"]) for r in self.rows}
+        rows = [{**r, "group": r.get("group", r["text"])} for r in train_rows]
+        shots = draw_shots(rows, k, seed, exclude_groups=held, balance_key="label")
         return replace(self, name=f"{self.name}/few_shot_{k}", shots=shots)

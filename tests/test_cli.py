@@ -1,0 +1,82 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from conftest import REPO
+
+PREDS = ["the cat sat on the mat", "", "une phrase en français", "a dog"]
+REFS = ["the cat is on the mat", "an empty answer", "une phrase française", "a dog"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "hf_tuner.cli", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture
+def files(tmp_path):
+    p, r = tmp_path / "p.txt", tmp_path / "r.txt"
+    p.write_text("\n".join(PREDS) + "\n")
+    r.write_text("\n".join(REFS) + "\n")
+    return p, r
+
+
+def test_score_agrees_with_sacrebleu_and_rouge_score(files):
+    p, r = files
+    proc = _cli("score", "--predictions", str(p), "--references", str(r),
+                "--metrics", "bleu,rouge1,rouge2,rougeL,exact_match")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert list(got) == ["bleu", "rouge1", "rouge2", "rougeL", "exact_match"]
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score, abs=1e-6)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        expected = sum(scorer.score(ref, pred)[k].fmeasure for pred, ref in zip(PREDS, REFS)) / len(PREDS)
+        assert got[k] == pytest.approx(expected, abs=1e-6)
+    assert got["exact_match"] == pytest.approx(0.25)
+
+
+def test_score_labels(tmp_path):
+    p, r = tmp_path / "p.txt", tmp_path / "r.txt"
+    p.write_text("pos\nneg\npos\nmid\n")
+    r.write_text("pos\nneg\nneg\nmid\n")
+    proc = _cli("score", "--predictions", str(p), "--references", str(r), "--metrics", "accuracy,f1",
+                "--average", "macro")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["accuracy"] == pytest.approx(0.75)
+    assert got["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+@pytest.mark.parametrize("pred_text, metrics, message", [
+    ("a\nb\n", "bleu", "has 2 lines but"),
+    ("", "bleu", "empty file"),
+    ("a\nb\nc\nd\n", "bleu,meteor", "unknown metric"),
+])
+def test_score_errors_are_clear(tmp_path, files, pred_text, metrics, message):
+    _, r = files
+    p = tmp_path / "bad.txt"
+    p.write_text(pred_text)
+    proc = _cli("score", "--predictions", str(p), "--references", str(r), "--metrics", metrics)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compare_puts_runs_in_one_table(tmp_path):
+    for name, tuned in [("run_a", 0.30), ("run_b", 0.40)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "base": {"rougeL": 0.1, "rouge1": 0.12}, "baselines": {"few_shot_3": {"rougeL": 0.15, "rouge1": 0.2}},
+            "tuned": {"rougeL": tuned, "rouge1": tuned + 0.05}, "train": {"runtime_s": 1.0}}))
+    out = tmp_path / "cmp" / "comparison.md"
+    proc = _cli("compare", str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "| run_b: tuned | 0.450 | 0.400 |" in proc.stdout
+    assert "| run_a: base (few_shot_3) |" in out.read_text()
+    assert out.with_suffix(".png").exists()
+    proc = _cli("compare", str(tmp_path / "nope"))
+    assert proc.returncode == 2 and "no metrics.json" in proc.stderr
