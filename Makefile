@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # One process, no accelerate config file needed.
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install assets test test-slow demo sft_instruction clean-venv
+.PHONY: install assets test test-slow demo sft_instruction bench clean-venv
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ demo: assets
 sft_instruction: assets
 	$(LAUNCH) recipes/sft_instruction.py --config recipes/configs/sft_instruction.yaml \
 		--output_dir runs/sft_instruction-$(RUN_ID) $(ARGS)
+
+# Benchmarks print their figures and write JSON next to them; not part of the test suite.
+bench: assets
+	$(PY) benchmarks/bench_generation.py --output bench_generation.json
 
 clean-venv:
 	rm -rf $(VENV)

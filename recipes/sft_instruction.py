@@ -48,7 +48,11 @@ def _check_and_load_data(cfg: RunConfig):
     random.Random(cfg.run.split_seed).shuffle(train_rows)
     if cfg.run.train_samples:
         train_rows = train_rows[:cfg.run.train_samples]
-    return train_rows, held_rows[:cfg.run.eval_samples]
+    held_out_tasks = {}
+    for name in cfg.run.held_out_tasks or []:
+        rows = load_examples(name)
+        held_out_tasks[name] = random.Random(cfg.run.split_seed).sample(rows, min(cfg.run.eval_samples, len(rows)))
+    return train_rows, held_rows[:cfg.run.eval_samples], held_out_tasks
 
 
 def _train_dataset(rows: list[dict], system_prompt: str | None):
@@ -76,7 +80,7 @@ def train(config=None) -> RunResult:
         raise ConfigError("model_name_or_path is required (an asset such as smollm2-135m-instruct, a folder or a Hub id)")
     check_model_source(mcfg.model_name_or_path)
     peft_config = peft_config_from(mcfg, run.peft_method)
-    train_rows, held_rows = _check_and_load_data(cfg)
+    train_rows, held_rows, held_out_tasks = _check_and_load_data(cfg)
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -92,6 +96,9 @@ def train(config=None) -> RunResult:
     decoding = DecodingSettings(max_new_tokens=run.eval_max_new_tokens, batch_size=run.eval_batch_size,
                                 seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, task, decoding)}
+    other_tasks = {name: GenerationTask(name, rows, system_prompt=run.system_prompt)
+                   for name, rows in held_out_tasks.items()}
+    other = {name: {"base": evaluate_model(model, tokenizer, t, decoding)["metrics"]} for name, t in other_tasks.items()}
     if run.few_shot:
         few = task.with_shots(run.few_shot, train_rows, run.split_seed)
         results[f"few_shot_{run.few_shot}"] = evaluate_model(model, tokenizer, few, decoding)
@@ -106,6 +113,8 @@ def train(config=None) -> RunResult:
 
     # 5. evaluate the tuned model
     results["tuned"] = evaluate_model(trainer.model, tokenizer, task, decoding)
+    for name, t in other_tasks.items():
+        other[name]["tuned"] = evaluate_model(trainer.model, tokenizer, t, decoding)["metrics"]
 
     # 6. report
     trainer.save_model(str(out / "adapter"))
@@ -121,6 +130,8 @@ def train(config=None) -> RunResult:
                   "train_tokens_per_s": trainer.state.num_input_tokens_seen / runtime,
                   "bf16": bool(args.bf16), "peft_method": run.peft_method},
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
+        "tasks": {"trained": [cfg.script.dataset_name], "held_out": list(other)},
+        "held_out_tasks": other,
     }
     examples = [{"prompt": r["prompt"][-1]["content"],
                  "reference": results["base"]["references"][i],

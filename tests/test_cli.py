@@ -80,3 +80,23 @@ def test_compare_puts_runs_in_one_table(tmp_path):
     assert out.with_suffix(".png").exists()
     proc = _cli("compare", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "no metrics.json" in proc.stderr
+
+
+def test_eval_command_tabulates_decoding_strategies(tmp_path, tiny_llama):
+    from conftest import WORDS, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Define the word '{w}'.", "completion": f"a {w}"}
+                                              for w in WORDS])
+    out = tmp_path / "eval"
+    proc = _cli("eval", "--model", "tiny-llama", "--task", str(data), "--baselines", "zero_shot,few_shot_2",
+                "--decoding", "greedy,top_p", "--eval_samples", "4", "--max_new_tokens", "4",
+                "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "metrics.json").read_text())
+    assert set(record["results"]) == {"greedy/zero_shot", "top_p/zero_shot", "greedy/few_shot_2", "top_p/few_shot_2"}
+    for m in record["results"].values():
+        assert {"rougeL", "bleu", "distinct_2", "seconds_per_example"} <= set(m)
+    assert "| greedy/few_shot_2 |" in (out / "report.md").read_text()
+    proc = _cli("eval", "--model", "tiny-llama", "--task", str(data), "--decoding", "nucleus",
+                "--output_dir", str(tmp_path / "e2"))
+    assert proc.returncode == 2 and "unknown decoding strategy" in proc.stderr

@@ -69,3 +69,76 @@ def test_evaluate_model_and_few_shot_from_train_only(model_and_tokenizer):
     result = evaluate_model(model, tok, few, DecodingSettings(max_new_tokens=4, batch_size=2))
     assert set(result["metrics"]) >= {"rouge1", "rougeL", "bleu", "perplexity", "mean_length"}
     assert len(result["predictions"]) == 2 and result["references"] == ANSWERS[:2]
+
+
+# ---- classification: from a classifier's logits, and from a causal LM's label word
+from hf_tuner.evaluation.tasks import ClassificationTask  # noqa: E402
+from hf_tuner.prompts import PromptTemplate, baseline_shots, draw_shots  # noqa: E402
+
+TEXTS = [("a wonderful, moving film", "positive"), ("dull and far too long", "negative"),
+         ("the best thing this year", "positive"), ("a tedious mess", "negative"),
+         ("warm and funny", "positive"), ("i walked out early", "negative")]
+
+
+def test_classifier_logits_path_matches_a_direct_argmax(tiny_llama):
+    from hf_tuner.models import load_model
+
+    model, tok = load_model("tiny-bert", "classification")
+    rows = [{"text": t, "label": lab} for t, lab in TEXTS]
+    task = ClassificationTask("sentiment", rows, labels=["negative", "positive"])
+    result = evaluate_model(model, tok, task, DecodingSettings(batch_size=4))
+    with torch.no_grad():
+        ids = model(**tok([t for t, _ in TEXTS], padding=True, return_tensors="pt")).logits.argmax(-1).tolist()
+    assert result["predictions"] == [task.labels[i] for i in ids]
+    expected_acc = sum(task.labels[i] == lab for i, (_, lab) in zip(ids, TEXTS)) / len(TEXTS)
+    assert result["metrics"]["accuracy"] == pytest.approx(expected_acc)
+    assert set(result["metrics"]) >= {"accuracy", "precision", "recall", "f1"}
+
+
+def test_label_words_from_a_causal_lm(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    rows = [{"text": t, "label": lab} for t, lab in TEXTS[:4]]
+    train = [{"text": t, "label": lab} for t, lab in TEXTS[4:]]
+    task = ClassificationTask("sentiment", rows, labels=["negative", "positive"],
+                              template=PromptTemplate(instruction="Is this review positive or negative?",
+                                                      task="Review: {text}", output_format="Answer in one word.",
+                                                      context="You are a film critic."))
+    few = task.with_shots(2, train, seed=0)
+    assert sorted(s["label"] for s in few.shots) == ["negative", "positive"]  # balanced shots
+    msgs = few.messages(rows[0])
+    assert msgs[0] == {"role": "system", "content": "You are a film critic."}
+    assert msgs[1]["content"].startswith("Is this review positive or negative?\n\nReview: ")
+    assert msgs[2]["content"] in ("negative", "positive")
+    assert task.parse_label("Positive, clearly. Not negative.") == "positive"
+    assert task.parse_label("no idea") is None
+    result = evaluate_model(model, tok, few, DecodingSettings(max_new_tokens=3, batch_size=2))
+    assert len(result["predictions"]) == 4
+    parsed = [task.parse_label(p) for p in result["predictions"]]
+    correct = sum(p == r["label"] for p, r in zip(parsed, rows))
+    assert result["metrics"]["accuracy"] == pytest.approx(correct / 4)
+    assert result["metrics"]["unparsed"] == sum(p is None for p in parsed)
+
+
+def test_shot_builders_use_train_rows_only_and_repeat():
+    train = [{"text": f"t{i}", "label": i % 2, "group": f"g{i}"} for i in range(20)]
+    a = draw_shots(train, 3, seed=1, exclude_groups={"g0", "g1", "g2"})
+    assert a == draw_shots(train, 3, seed=1, exclude_groups={"g0", "g1", "g2"})
+    assert not {s["group"] for s in a} & {"g0", "g1", "g2"}
+    assert [baseline_shots(b) for b in ("zero_shot", "one_shot", "few_shot_5")] == [0, 1, 5]
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_shots("many_shot")
+    with pytest.raises(ValueError, match="needs field 'title'"):
+        PromptTemplate(task="{title}").user_text({"text": "x"})
+
+
+def test_decoding_presets_and_seeded_sampling(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [_chat(tok, p) for p in PROMPTS[:3]]
+    for strategy in ("greedy", "beam", "sampling", "top_k", "top_p"):
+        out = generate_batched(model, tok, prompts, DecodingSettings(strategy=strategy, max_new_tokens=5, seed=7))
+        assert len(out) == 3
+    s1 = generate_batched(model, tok, prompts, DecodingSettings(strategy="top_p", max_new_tokens=6, seed=7))
+    s2 = generate_batched(model, tok, prompts, DecodingSettings(strategy="top_p", max_new_tokens=6, seed=7))
+    assert s1 == s2
+    with pytest.raises(ValueError, match="unknown decoding strategy"):
+        DecodingSettings(strategy="nucleus").generate_kwargs()

@@ -30,7 +30,10 @@ def finished_run(tmp_path_factory, tiny_llama):
     rows = [{"prompt": f"Define the word '{w}'.", "completion": f"a kind of {w} that is used in the house"}
             for w in WORDS * 2]
     data = write_jsonl(tmp / "defs.jsonl", rows)
-    return train(_config(tmp, data)), tmp
+    other = write_jsonl(tmp / "other.jsonl", [{"messages": [{"role": "user", "content": f"Spell '{w}'."},
+                                                            {"role": "assistant", "content": " ".join(w)}]}
+                                              for w in WORDS[:6]])
+    return train(_config(tmp, data, held_out_tasks=[str(other)])), tmp
 
 
 def test_loss_falls(finished_run):
@@ -49,6 +52,10 @@ def test_run_folder_is_complete(finished_run):
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"base", "baselines", "tuned", "train"}
     assert set(metrics["baselines"]) == {"few_shot_2"}
+    assert metrics["tasks"]["trained"][0].endswith("defs.jsonl")
+    (held_name,) = metrics["tasks"]["held_out"]
+    assert held_name.endswith("other.jsonl")
+    assert {"base", "tuned"} == set(metrics["held_out_tasks"][held_name])
     for part in (metrics["base"], metrics["baselines"]["few_shot_2"], metrics["tuned"]):
         assert {"rouge1", "rouge2", "rougeL", "bleu", "perplexity"} <= set(part)
         assert 0 <= part["rougeL"] <= 1 and 0 <= part["bleu"] <= 100
@@ -57,6 +64,7 @@ def test_run_folder_is_complete(finished_run):
     assert metrics["tuned"]["perplexity"] < 0.5 * metrics["base"]["perplexity"]
     report = (result.output_dir / "report.md").read_text()
     assert "| tuned |" in report and "base (few_shot_2)" in report and "Example generations" in report
+    assert "Held-out task (never trained on)" in report
 
 
 def test_reloaded_adapter_gives_the_same_logits(finished_run, tiny_llama):

@@ -91,7 +91,11 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
     lines = [f"# {title}", "", "## Held-out results", "", table, "",
              "ROUGE: F-measure 0-1 (rouge_score, no stemming); BLEU: sacrebleu 0-100; perplexity of the "
              "reference answers given the prompt; mean_length: words per generation.", "",
-             "![metrics](metrics.png)", "", "## Training", ""]
+             "![metrics](metrics.png)", ""]
+    for name, parts in metrics.get("held_out_tasks", {}).items():
+        lines += [f"### Held-out task (never trained on): {name}", "",
+                  format_table([("base (zero-shot)", parts.get("base", {})), ("tuned", parts.get("tuned", {}))]), ""]
+    lines += ["## Training", ""]
     lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in train.items()]
     if has_loss:
         lines += ["", "![loss](loss.png)"]
