@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from hf_tuner.evaluation.harness import evaluate_model
@@ -53,12 +54,19 @@ def evaluate_checkpoint(model: str, task: str, output_dir: str | Path, adapter: 
     results, predictions = {}, {}
     for b, k in shots.items():
         t = base_task.with_shots(k, train_rows, split_seed) if k else base_task
+        # Perplexity of the references does not depend on decoding: score it once per prompt set, so
+        # seconds_per_example compares the decoding strategies alone.
+        perplexity = {}
+        if "perplexity" in t.metrics:
+            perplexity = evaluate_model(net, tokenizer, replace(t, metrics=("perplexity",)),
+                                        DecodingSettings(batch_size=batch_size))["metrics"]
+        generation_task = replace(t, metrics=tuple(m for m in t.metrics if m != "perplexity"))
         for strategy in decoding:
             settings = DecodingSettings(strategy=strategy, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                         seed=seed)
-            r = evaluate_model(net, tokenizer, t, settings)
+            r = evaluate_model(net, tokenizer, generation_task, settings)
             label = f"{strategy}/{b}"
-            results[label] = {**r["metrics"], "seconds_per_example": r["seconds_per_example"]}
+            results[label] = {**r["metrics"], **perplexity, "seconds_per_example": r["seconds_per_example"]}
             predictions[label] = r["predictions"]
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": model, "adapter": adapter, "task": task, "eval_examples": len(held_rows),
