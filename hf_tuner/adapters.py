@@ -1,32 +1,204 @@
-"""PEFT configs by method name (named `adapters` so it does not shadow the `peft` package)."""
+"""PEFT methods by name: their configs, their defaults, and what each needs from loading and training.
+
+Named `adapters` so it does not shadow the `peft` package. Every method is a PEFT tuner; hf-tuner only
+adds defaults, the fit check against a model type (before any weights load), and the trainer
+adjustments some methods need (see `PeftSetup`).
+"""
 
 from __future__ import annotations
 
-METHODS = ("lora", "dora", "full")
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from hf_tuner.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+_VIRTUAL = {"num_virtual_tokens": 20}
+
+# method -> (peft config class, defaults). `full` trains every weight and has no PEFT config.
+METHODS: dict[str, tuple[str | None, dict]] = {
+    "lora": ("LoraConfig", _LORA),
+    "dora": ("LoraConfig", {**_LORA, "use_dora": True}),
+    "qlora": ("LoraConfig", _LORA),  # + a 4-bit NF4 base (quantization_for)
+    "lora-8bit": ("LoraConfig", _LORA),  # + an 8-bit base
+    "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "lora_alpha": 32, "lora_dropout": 0.05,
+                                  "target_modules": "all-linear"}),
+    "loha": ("LoHaConfig", {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
+    "lokr": ("LoKrConfig", {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
+    "ia3": ("IA3Config", {}),  # PEFT's per-architecture targets (attention k/v and the feed-forward output)
+    "prompt-tuning": ("PromptTuningConfig", {**_VIRTUAL, "prompt_tuning_init": "RANDOM"}),
+    "prefix-tuning": ("PrefixTuningConfig", {**_VIRTUAL, "prefix_projection": False}),
+    "p-tuning": ("PromptEncoderConfig", {**_VIRTUAL, "encoder_hidden_size": 128}),
+    "llama-adapter": ("AdaptionPromptConfig", {"adapter_len": 10}),  # adapter_layers: set from the model
+    "full": (None, {}),
+}
+PROMPT_LEARNING = ("prompt-tuning", "prefix-tuning", "p-tuning")
+# Methods whose weights merge into the base (`hf-tuner merge`); prompt-learning and llama-adapter do not.
+MERGEABLE_PEFT_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR", "IA3")
+QUANTIZED = {"qlora": "4bit", "lora-8bit": "8bit"}
+# TRL's SFTTrainer computes its loss from a fused output head (`fused_lm_head=True`). LLaMA-Adapter's wrapper
+# does not return those fields, and AdaLoRA adds its orthogonality penalty to `outputs.loss` only, which the
+# fused path never produces. Both train through Trainer's own loss instead (see hf_tuner.training).
+PLAIN_LOSS = ("llama-adapter", "adalora")
+# ModelConfig's lora_* fields, and the option each sets in a LoRA-family method.
+_TRL_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                    "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+                    "use_rslora": "use_rslora"}
 
 
-def build_peft_config(method: str, task_type: str = "CAUSAL_LM", r: int = 16, alpha: int = 32,
-                      dropout: float = 0.05, target_modules=None, modules_to_save=None, use_rslora: bool = False):
-    """A peft config for `method`, or None for full fine-tuning.
+class PeftMethodError(ConfigError):
+    """A PEFT method that cannot be built, or does not fit the model: the message says why."""
 
-    target_modules defaults to every linear layer but the output head, as QLoRA recommends.
-    """
-    from peft import LoraConfig
+
+def _config_class(method: str):
+    import peft
 
     if method not in METHODS:
-        raise ValueError(f"peft_method {method!r} is not supported yet; choose one of {list(METHODS)}")
-    if method == "full":
+        raise PeftMethodError(f"unknown peft_method {method!r}; choose one of {', '.join(METHODS)}")
+    name = METHODS[method][0]
+    return getattr(peft, name) if name else None
+
+
+def build_peft_config(method: str, task_type: str = "CAUSAL_LM", model_config=None, **options):
+    """A PEFT config for `method` with hf-tuner's defaults, overridden by `options`; None for `full`.
+
+    model_config (a transformers config) fills defaults that depend on the model, such as the number of
+    LLaMA-Adapter layers. Unknown options are refused with the valid names.
+    """
+    cls = _config_class(method)
+    if cls is None:
+        if options:
+            raise PeftMethodError(f"peft_method 'full' takes no options; got {sorted(options)}")
         return None
-    return LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=target_modules or "all-linear", modules_to_save=modules_to_save,
-                      use_rslora=use_rslora, use_dora=method == "dora")
+    params = {**METHODS[method][1], **options}
+    if method == "llama-adapter" and "adapter_layers" not in params and model_config is not None:
+        params["adapter_layers"] = min(8, getattr(model_config, "num_hidden_layers", 8))
+    if method == "prompt-tuning" and params.get("prompt_tuning_init_text"):
+        params["prompt_tuning_init"] = "TEXT"
+        if not params.get("tokenizer_name_or_path"):
+            raise PeftMethodError("prompt-tuning with prompt_tuning_init_text needs tokenizer_name_or_path")
+    if method == "adalora" and not params.get("total_step"):
+        raise PeftMethodError("adalora needs total_step (the number of training steps) to schedule its rank budget")
+    valid = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise PeftMethodError(f"peft_method {method!r} ({cls.__name__}) has no option(s) {unknown}; "
+                              f"valid: {', '.join(sorted(valid - {'task_type', 'peft_type'}))}")
+    return cls(task_type=task_type, **params)
 
 
-def peft_config_from(model_config, method: str, task_type: str = "CAUSAL_LM"):
-    """build_peft_config from TRL's ModelConfig fields (lora_r, lora_alpha, ...)."""
-    if method == "lora" and model_config.use_dora:
+def check_peft_fits(method: str, peft_config, model_path: str, task: str) -> None:
+    """Build the method on a weightless skeleton of the model, so a misfit fails before any weights load.
+
+    PEFT's own checks run (GPT-2's Conv1D refuses LoHa/LoKr; LLaMA-Adapter wants a supported decoder), on
+    meta tensors: this costs well under a second even for large models.
+    """
+    if peft_config is None:
+        return
+    import transformers
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    from hf_tuner.models import TASK_CLASSES
+
+    config = transformers.AutoConfig.from_pretrained(model_path)
+    try:
+        with init_empty_weights():
+            skeleton = getattr(transformers, TASK_CLASSES[task]).from_config(config)
+        get_peft_model(skeleton, copy.deepcopy(peft_config))
+    except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:
+        raise PeftMethodError(f"peft_method {method!r} does not fit {config.model_type} ({task}): {e}") from e
+
+
+# Task heads that stay in full precision: they are trained (PEFT's modules_to_save), and int8/4-bit
+# weights cannot take gradients.
+_HEADS = ["classifier", "score", "pre_classifier", "lm_head"]
+
+
+def quantization_for(method: str, model_config=None):
+    """The bitsandbytes config a method loads its base with: NF4 for qlora, int8 for lora-8bit, else None.
+
+    TRL's ModelConfig flags (load_in_4bit / load_in_8bit) also turn it on for plain LoRA.
+    """
+    import torch
+
+    bits = QUANTIZED.get(method)
+    if bits is None and model_config is not None:
+        bits = "4bit" if model_config.load_in_4bit else "8bit" if model_config.load_in_8bit else None
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    from hf_tuner.devices import cpu_supports_bf16, cuda_available
+
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_HEADS)
+    bf16 = cuda_available() or cpu_supports_bf16()
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=getattr(model_config, "bnb_4bit_quant_type", None) or "nf4",
+        bnb_4bit_use_double_quant=bool(getattr(model_config, "use_bnb_nested_quant", True)),
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32, llm_int8_skip_modules=_HEADS)
+
+
+@dataclass
+class PeftSetup:
+    """Everything a recipe needs to train one PEFT method."""
+
+    method: str
+    config: object  # a peft config, or None for full fine-tuning
+    quantization: object = None  # BitsAndBytesConfig for the base, or None
+    plain_loss: bool = False  # train through Trainer's own loss (hf_tuner.training.PlainLossSFTTrainer)
+    prompt_learning: bool = False  # virtual tokens: packing would lose sequence boundaries
+    callbacks: list = field(default_factory=list)
+
+
+def peft_setup(method: str, model_path: str, task: str = "causal-lm", model_config=None,
+               options: dict | None = None, total_steps: int | None = None) -> PeftSetup:
+    """Build and check `method` for the model at `model_path` (no weights load).
+
+    model_config: TRL's ModelConfig, whose lora_* fields set the LoRA-family options; `options`
+    (the run's `peft_options`) override anything.
+    """
+    import transformers
+
+    task_type = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS",
+                 "masked-lm": None}[task]  # PEFT has no masked-LM task type: a plain PeftModel wraps it
+    if method == "lora" and model_config is not None and getattr(model_config, "use_dora", False):
         method = "dora"
-    return build_peft_config(method, task_type=task_type, r=model_config.lora_r, alpha=model_config.lora_alpha,
-                             dropout=model_config.lora_dropout, target_modules=model_config.lora_target_modules,
-                             modules_to_save=model_config.lora_modules_to_save,
-                             use_rslora=model_config.use_rslora)
+    merged: dict = {}
+    if model_config is not None and METHODS.get(method, (None,))[0] == "LoraConfig":
+        for trl_name, name in _TRL_LORA_FIELDS.items():
+            value = getattr(model_config, trl_name, None)
+            if value not in (None, [], False):
+                merged[name] = value
+    if method == "adalora":
+        merged["total_step"] = total_steps
+    if method == "prompt-tuning" and (options or {}).get("prompt_tuning_init_text"):
+        merged["tokenizer_name_or_path"] = model_path
+    merged.update(options or {})
+    hf_config = transformers.AutoConfig.from_pretrained(model_path)
+    config = build_peft_config(method, task_type, model_config=hf_config, **merged)
+    check_peft_fits(method, config, model_path, task)
+    callbacks = []
+    if method == "adalora":
+        from hf_tuner.training import AdaLoraAllocationCallback
+
+        callbacks.append(AdaLoraAllocationCallback())
+    return PeftSetup(method=method, config=config, quantization=quantization_for(method, model_config),
+                     plain_loss=method in PLAIN_LOSS, prompt_learning=method in PROMPT_LEARNING,
+                     callbacks=callbacks)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the values they hold, not bytes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # packed two per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

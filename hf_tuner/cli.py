@@ -1,4 +1,4 @@
-"""`hf-tuner` command line: assets, train, eval, score, compare."""
+"""`hf-tuner` command line: assets, train, eval, score, compare, merge."""
 
 from __future__ import annotations
 
@@ -78,6 +78,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from hf_tuner.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output_dir, args.dtype)
+    print(f"merged {args.adapter} into a {args.dtype} base: {out} (plain transformers checkpoint + README.md)")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from hf_tuner.evaluation.compare import compare_runs
 
@@ -112,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p_score.add_argument("--metrics", default="bleu,rouge1,rouge2,rougeL,exact_match")
     p_score.add_argument("--average", choices=["binary", "macro", "micro", "weighted"],
                          help="for precision/recall/f1 (default: binary for two labels, else macro)")
+    p_merge = sub.add_parser("merge", help="merge a LoRA-family adapter into its base; save a plain checkpoint")
+    p_merge.add_argument("--adapter", required=True, help="the adapter folder (e.g. RUN_DIR/adapter)")
+    p_merge.add_argument("--output_dir", required=True)
+    p_merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p_compare = sub.add_parser("compare", help="one table over several run folders")
     p_compare.add_argument("run_dirs", nargs="+")
     p_compare.add_argument("--output", default="comparison.md")
@@ -121,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare}[args.command](args)
+        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare,
+                "merge": _merge}[args.command](args)
     except (assets.AssetError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -53,7 +53,11 @@ REMOVED = {
 class RunArguments:
     """hf-tuner's own settings: data limits, evaluation and the run folder."""
 
-    peft_method: str = field(default="lora", metadata={"help": "lora or full (more methods: see adapters.py)"})
+    peft_method: str = field(default="lora", metadata={
+        "help": "lora, dora, qlora, lora-8bit, adalora, loha, lokr, ia3, prompt-tuning, prefix-tuning, p-tuning, "
+                "llama-adapter or full (see hf_tuner/adapters.py)"})
+    peft_options: dict | str | None = field(default=None, metadata={
+        "help": "options of the PEFT config, overriding the method's defaults, e.g. {num_virtual_tokens: 32}"})
     eval_samples: int = field(default=200, metadata={"help": "held-out examples evaluated, base and tuned"})
     train_samples: int | None = field(default=None, metadata={"help": "cap on training examples (None: all)"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/held-out split (independent of `seed`)"})
@@ -67,6 +71,22 @@ class RunArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (None: the available cores, split between local processes)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an existing run folder first"})
+
+
+    def __post_init__(self):
+        from hf_tuner.adapters import METHODS
+
+        if self.peft_method not in METHODS:
+            hint = difflib.get_close_matches(self.peft_method, METHODS, 1)
+            raise ConfigError(f"peft_method: unknown method {self.peft_method!r}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {', '.join(METHODS)}")
+        if isinstance(self.peft_options, str):
+            try:
+                self.peft_options = json.loads(self.peft_options)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"peft_options: not a JSON/YAML mapping: {self.peft_options!r}") from e
+        if self.peft_options is not None and not isinstance(self.peft_options, dict):
+            raise ConfigError(f"peft_options: expected a mapping of option: value, got {self.peft_options!r}")
 
 
 @dataclass

@@ -35,3 +35,10 @@ def set_cpu_threads(requested: int | None = None) -> int:
         requested = max(1, cores // local)
     torch.set_num_threads(requested)
     return requested
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

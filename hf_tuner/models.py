@@ -40,9 +40,14 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", revision: str
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
-               revision: str | None = None, attn_implementation: str | None = None, **kwargs):
+               revision: str | None = None, attn_implementation: str | None = None, quantization_config=None,
+               gradient_checkpointing: bool = False, **kwargs):
     """(model, tokenizer) for `task`, one of TASK_CLASSES. Weights stay fp32 unless dtype says otherwise:
-    mixed precision (bf16=True) autocasts at train time and keeps fp32 master weights."""
+    mixed precision (bf16=True) autocasts at train time and keeps fp32 master weights.
+
+    quantization_config (bitsandbytes, from adapters.quantization_for) loads a 4- or 8-bit base and
+    readies it for adapter training (norms in fp32, inputs requiring grad), as QLoRA does.
+    """
     import transformers
 
     if task not in TASK_CLASSES:
@@ -51,8 +56,12 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     if isinstance(dtype, str) and dtype not in ("auto",):
         dtype = getattr(torch, dtype)
     auto_cls = getattr(transformers, TASK_CLASSES[task])
-    model = auto_cls.from_pretrained(path, dtype=dtype, revision=revision,
-                                     attn_implementation=attn_implementation, **kwargs)
+    model = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, attn_implementation=attn_implementation,
+                                     quantization_config=quantization_config, **kwargs)
+    if quantization_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     tokenizer = load_tokenizer(name_or_path, revision=revision)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id

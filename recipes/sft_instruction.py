@@ -66,28 +66,35 @@ def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from trl import SFTTrainer
 
-    from hf_tuner.adapters import peft_config_from
-    from hf_tuner.devices import set_cpu_threads
+    from hf_tuner.adapters import peft_setup, trainable_parameters
+    from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
+    from hf_tuner.training import planned_steps, plain_loss_trainer
 
     # 1. config, checked before anything loads
     cfg = _config(config)
     run, args, mcfg = cfg.run, cfg.training, cfg.model
     if not mcfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (an asset such as smollm2-135m-instruct, a folder or a Hub id)")
-    check_model_source(mcfg.model_name_or_path)
-    peft_config = peft_config_from(mcfg, run.peft_method)
+    model_path = check_model_source(mcfg.model_name_or_path)
     train_rows, held_rows, held_out_tasks = _check_and_load_data(cfg)
+    peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
+                      total_steps=planned_steps(args, len(train_rows)))
+    if peft.prompt_learning and args.packing:
+        print(f"note: packing turned off: {peft.method} prepends virtual tokens and would lose sequence boundaries")
+        args.packing = False
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
 
     # 2. load
     model, tokenizer = load_model(mcfg.model_name_or_path, "causal-lm", dtype=mcfg.dtype,
-                                  revision=mcfg.model_revision, attn_implementation=mcfg.attn_implementation)
+                                  revision=mcfg.model_revision, attn_implementation=mcfg.attn_implementation,
+                                  quantization_config=peft.quantization,
+                                  gradient_checkpointing=args.gradient_checkpointing)
     if not tokenizer.chat_template:
         raise ConfigError(f"{mcfg.model_name_or_path} has no chat template; instruction SFT needs one")
 
@@ -105,8 +112,10 @@ def train(config=None) -> RunResult:
 
     # 4. train: completion-only loss on the chat-templated answers
     args.include_num_input_tokens_seen = "non_padding"
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_train_dataset(train_rows, run.system_prompt),
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer_cls = plain_loss_trainer(SFTTrainer) if peft.plain_loss else SFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=_train_dataset(train_rows, run.system_prompt),
+                          processing_class=tokenizer, peft_config=peft.config, callbacks=peft.callbacks)
+    trainable, total = trainable_parameters(trainer.model)
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     runtime = time.perf_counter() - start
@@ -128,7 +137,9 @@ def train(config=None) -> RunResult:
                   "eval_examples": len(held_rows),
                   "train_tokens": trainer.state.num_input_tokens_seen,
                   "train_tokens_per_s": trainer.state.num_input_tokens_seen / runtime,
-                  "bf16": bool(args.bf16), "peft_method": run.peft_method},
+                  "bf16": bool(args.bf16), "peft_method": peft.method,
+                  "trainable_params": trainable, "trainable_percent": 100 * trainable / total,
+                  "peak_rss_mb": peak_rss_mb()},
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
         "tasks": {"trained": [cfg.script.dataset_name], "held_out": list(other)},
         "held_out_tasks": other,

@@ -109,3 +109,23 @@ def test_unknown_model_asset_lists_known_ones(tmp_path, definitions_file):
 
     with pytest.raises(AssetError, match="known assets"):
         train(_config(tmp_path, definitions_file, model_name_or_path="tiny-gpt"))
+
+
+# Methods that need something from the recipe beyond a LoRA config: packing off (prompt learning), Trainer's
+# own loss (llama-adapter, adalora), AdaLoRA's allocation callback, a 4-bit base (qlora), no adapter (full).
+@pytest.mark.parametrize("method,lr", [("prompt-tuning", 3e-2), ("prefix-tuning", 3e-2), ("llama-adapter", 3e-2),
+                                       ("adalora", 1e-2), ("qlora", 1e-2), ("ia3", 3e-2), ("full", 1e-3)])
+def test_recipe_trains_every_kind_of_method(method, lr, tmp_path, definitions_file):
+    options = {"num_virtual_tokens": 4} if method in ("prompt-tuning", "prefix-tuning") else None
+    result = train(_config(tmp_path, definitions_file, peft_method=method, peft_options=options, learning_rate=lr,
+                           max_steps=8, few_shot=0, packing=method == "prompt-tuning"))
+    log = json.loads((result.output_dir / "log_history.json").read_text())
+    losses = [h["loss"] for h in log if "loss" in h]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2]), losses
+    train_metrics = result.metrics["train"]
+    assert train_metrics["peft_method"] == method and 0 < train_metrics["trainable_percent"] <= 100
+    assert (train_metrics["trainable_percent"] == 100) == (method == "full")
+    saved = result.output_dir / "adapter" / ("config.json" if method == "full" else "adapter_config.json")
+    assert saved.is_file()
+    if method == "adalora":  # the callback ran: AdaLoRA's rank allocator has seen gradients
+        assert result.model.base_model.rankallocator.ipt
