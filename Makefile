@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # One process, no accelerate config file needed.
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install assets test test-slow demo sft_instruction bench clean-venv
+.PHONY: install assets test test-slow demo sft_instruction bench peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ sft_instruction: assets
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets
 	$(PY) benchmarks/bench_generation.py --output bench_generation.json
+
+# Every PEFT method on the instruction task, same data and tokens (about 40 minutes on 2 CPU cores).
+peft-compare: assets
+	$(PY) benchmarks/peft_compare.py --output_dir runs/peft-compare-$(RUN_ID)
 
 clean-venv:
 	rm -rf $(VENV)

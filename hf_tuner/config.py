@@ -63,6 +63,8 @@ class RunArguments:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/held-out split (independent of `seed`)"})
     held_out_tasks: list[str] | None = field(
         default=None, metadata={"help": "datasets evaluated base vs tuned but never trained on (FLAN-style)"})
+    evaluate_base: bool = field(default=True, metadata={
+        "help": "evaluate the base model and its baselines before training (off only for sweeps that share one base)"})
     few_shot: int = field(default=3, metadata={"help": "examples in the few-shot baseline prompt (0: no baseline)"})
     eval_batch_size: int = field(default=16, metadata={"help": "batch size of generation and perplexity"})
     eval_max_new_tokens: int = field(default=48, metadata={"help": "new tokens generated per held-out prompt"})

@@ -102,13 +102,16 @@ def train(config=None) -> RunResult:
     task = GenerationTask("held-out", held_rows, system_prompt=run.system_prompt)
     decoding = DecodingSettings(max_new_tokens=run.eval_max_new_tokens, batch_size=run.eval_batch_size,
                                 seed=args.seed)
-    results = {"base": evaluate_model(model, tokenizer, task, decoding)}
     other_tasks = {name: GenerationTask(name, rows, system_prompt=run.system_prompt)
                    for name, rows in held_out_tasks.items()}
-    other = {name: {"base": evaluate_model(model, tokenizer, t, decoding)["metrics"]} for name, t in other_tasks.items()}
-    if run.few_shot:
-        few = task.with_shots(run.few_shot, train_rows, run.split_seed)
-        results[f"few_shot_{run.few_shot}"] = evaluate_model(model, tokenizer, few, decoding)
+    results, other = {}, {name: {} for name in other_tasks}
+    if run.evaluate_base:
+        results["base"] = evaluate_model(model, tokenizer, task, decoding)
+        for name, t in other_tasks.items():
+            other[name]["base"] = evaluate_model(model, tokenizer, t, decoding)["metrics"]
+        if run.few_shot:
+            few = task.with_shots(run.few_shot, train_rows, run.split_seed)
+            results[f"few_shot_{run.few_shot}"] = evaluate_model(model, tokenizer, few, decoding)
 
     # 4. train: completion-only loss on the chat-templated answers
     args.include_num_input_tokens_seen = "non_padding"
@@ -129,7 +132,7 @@ def train(config=None) -> RunResult:
     trainer.save_model(str(out / "adapter"))
     tokenizer.save_pretrained(out / "adapter")
     metrics = {
-        "base": results["base"]["metrics"],
+        "base": results["base"]["metrics"] if "base" in results else {},
         "baselines": {k: v["metrics"] for k, v in results.items() if k not in ("base", "tuned")},
         "tuned": results["tuned"]["metrics"],
         "train": {"runtime_s": runtime, "train_loss": train_output.training_loss,
@@ -145,7 +148,7 @@ def train(config=None) -> RunResult:
         "held_out_tasks": other,
     }
     examples = [{"prompt": r["prompt"][-1]["content"],
-                 "reference": results["base"]["references"][i],
+                 "reference": task.reference(r),
                  **{k: v["predictions"][i] for k, v in results.items()}}
                 for i, r in enumerate(held_rows[:run.report_examples])]
     table = write_run_record(out, "sft_instruction", metrics, examples, trainer.state.log_history)
