@@ -42,7 +42,10 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", revision: str
 def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
                revision: str | None = None, attn_implementation: str | None = None, **kwargs):
     """(model, tokenizer) for `task`, one of TASK_CLASSES. Weights stay fp32 unless dtype says otherwise:
-    mixed precision (bf16=True) autocasts at train time and keeps fp32 master weights."""
+    mixed precision (bf16=True) autocasts at train time and keeps fp32 master weights.
+
+    output_loading_info=True returns (model, tokenizer, info) as well, info["missing_keys"] naming the
+    weights the checkpoint lacked and that start fresh (a new classification head, an untrained MLM head)."""
     import transformers
 
     if task not in TASK_CLASSES:
@@ -51,9 +54,10 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     if isinstance(dtype, str) and dtype not in ("auto",):
         dtype = getattr(torch, dtype)
     auto_cls = getattr(transformers, TASK_CLASSES[task])
-    model = auto_cls.from_pretrained(path, dtype=dtype, revision=revision,
-                                     attn_implementation=attn_implementation, **kwargs)
+    with_info = kwargs.pop("output_loading_info", False)
+    model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
+                                           attn_implementation=attn_implementation, **kwargs)
     tokenizer = load_tokenizer(name_or_path, revision=revision)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return (model, tokenizer, info) if with_info else (model, tokenizer)
