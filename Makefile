@@ -58,6 +58,10 @@ continued_pretraining_mlm: assets
 	$(LAUNCH) recipes/continued_pretraining.py --config recipes/configs/continued_pretraining_mlm.yaml \
 		--output_dir runs/continued_pretraining_mlm-$(RUN_ID) $(ARGS)
 
+multitask: assets
+	$(LAUNCH) recipes/multitask.py --config recipes/configs/multitask.yaml \
+		--output_dir runs/multitask-$(RUN_ID) $(ARGS)
+
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets
 	$(PY) benchmarks/bench_generation.py --output bench_generation.json

@@ -71,3 +71,23 @@ def read_ground_truth(dataset_name: str = "vader-sentiment", sources: list[str] 
 def polarity_rows(rows: list[dict], min_abs_rating: float = 0.5) -> list[dict]:
     """Binary sentiment: label "positive" if rating > 0; rows with |rating| < min_abs_rating are dropped."""
     return [{**r, "label": POLARITY_LABELS[int(r["rating"] > 0)]} for r in rows if abs(r["rating"]) >= min_abs_rating]
+
+
+# The tasks these files support: name -> (kind, labels); labels of `source` are the sources read.
+TASKS = {"polarity": "classification", "rating": "regression", "source": "classification"}
+
+
+def task_labels(task: str, sources: list[str]) -> list[str] | None:
+    return {"polarity": POLARITY_LABELS, "rating": None, "source": sorted(sources)}[task]
+
+
+def task_rows(rows: list[dict], task: str, min_abs_rating: float = 0.5) -> list[dict]:
+    """Rows {"text", "group", "label" | "target"} for one task: polarity (near-neutral rows dropped),
+    rating (the mean rating, -4..4, as a regression target) or source (which file the snippet is from)."""
+    if task not in TASKS:
+        raise DataError(f"unknown vader task {task!r}; known: {list(TASKS)}")
+    if task == "polarity":
+        return [{"text": r["text"], "group": r["group"], "label": r["label"]} for r in polarity_rows(rows, min_abs_rating)]
+    if task == "rating":
+        return [{"text": r["text"], "group": r["group"], "target": r["rating"]} for r in rows]
+    return [{"text": r["text"], "group": r["group"], "label": r["source"]} for r in rows]

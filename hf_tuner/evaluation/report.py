@@ -24,6 +24,8 @@ def comparison(metrics: dict) -> list[tuple[str, dict]]:
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     names = [m for m in TABLE_METRICS if any(m in r for _, r in rows)]
+    if not names:  # metrics this table does not know (e.g. "<task>/<metric>"): every number, in first-seen order
+        names = list(dict.fromkeys(k for _, r in rows for k, v in r.items() if isinstance(v, (int, float))))
     header = "| model | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for label, r in rows:
