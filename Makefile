@@ -62,6 +62,10 @@ multitask: assets
 	$(LAUNCH) recipes/multitask.py --config recipes/configs/multitask.yaml \
 		--output_dir runs/multitask-$(RUN_ID) $(ARGS)
 
+seq2seq: assets
+	$(LAUNCH) recipes/seq2seq.py --config recipes/configs/seq2seq.yaml \
+		--output_dir runs/seq2seq-$(RUN_ID) $(ARGS)
+
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets
 	$(PY) benchmarks/bench_generation.py --output bench_generation.json
