@@ -16,7 +16,8 @@ export TOKENIZERS_PARALLELISM ?= false
 # One process, no accelerate config file needed.
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install assets test test-slow demo sft_instruction bench peft-compare clean-venv
+.PHONY: install assets test test-slow demo sft_instruction sft_classification continued_pretraining \
+	continued_pretraining_mlm multitask seq2seq bench peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -44,6 +45,26 @@ demo: assets
 sft_instruction: assets
 	$(LAUNCH) recipes/sft_instruction.py --config recipes/configs/sft_instruction.yaml \
 		--output_dir runs/sft_instruction-$(RUN_ID) $(ARGS)
+
+sft_classification: assets
+	$(LAUNCH) recipes/sft_classification.py --config recipes/configs/sft_classification.yaml \
+		--output_dir runs/sft_classification-$(RUN_ID) $(ARGS)
+
+continued_pretraining: assets
+	$(LAUNCH) recipes/continued_pretraining.py --config recipes/configs/continued_pretraining.yaml \
+		--output_dir runs/continued_pretraining-$(RUN_ID) $(ARGS)
+
+continued_pretraining_mlm: assets
+	$(LAUNCH) recipes/continued_pretraining.py --config recipes/configs/continued_pretraining_mlm.yaml \
+		--output_dir runs/continued_pretraining_mlm-$(RUN_ID) $(ARGS)
+
+multitask: assets
+	$(LAUNCH) recipes/multitask.py --config recipes/configs/multitask.yaml \
+		--output_dir runs/multitask-$(RUN_ID) $(ARGS)
+
+seq2seq: assets
+	$(LAUNCH) recipes/seq2seq.py --config recipes/configs/seq2seq.yaml \
+		--output_dir runs/seq2seq-$(RUN_ID) $(ARGS)
 
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets

@@ -166,7 +166,7 @@ def peft_setup(method: str, model_path: str, task: str = "causal-lm", model_conf
     import transformers
 
     task_type = {"causal-lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "classification": "SEQ_CLS",
-                 "masked-lm": None}[task]  # PEFT has no masked-LM task type: a plain PeftModel wraps it
+                 "masked-lm": "TOKEN_CLS"}[task]  # PEFT has no masked-LM type; token-level is the nearest
     if method == "lora" and model_config is not None and getattr(model_config, "use_dora", False):
         method = "dora"
     merged: dict = {}

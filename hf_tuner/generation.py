@@ -29,6 +29,10 @@ class DecodingSettings:
         return {**DECODING_PRESETS[self.strategy], "max_new_tokens": self.max_new_tokens}
 
 
+def is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 @torch.no_grad()
 def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSettings, desc: str = "generate"):
     """Generate a completion for every prompt (already templated text); returns texts in input order.
@@ -38,7 +42,9 @@ def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSet
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set one to batch generation")
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    seq2seq = is_encoder_decoder(model)
+    # A decoder-only prompt is already templated text; an encoder takes its usual special tokens.
+    encoded = [tokenizer(p, add_special_tokens=seq2seq)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     was_training = model.training
@@ -52,14 +58,18 @@ def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSet
             width = max(len(encoded[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: generation continues from the last real token
+            for row, i in enumerate(idx):
                 ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
+                # Decoder-only: left padding, so generation continues from the last real token. Encoder-decoder:
+                # right padding, as in training (BERT-style encoders use absolute positions from the left).
+                begin = 0 if seq2seq else width - len(ids)
+                input_ids[row, begin:begin + len(ids)] = torch.tensor(ids)
+                attention[row, begin:begin + len(ids)] = 1
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  pad_token_id=pad_id, **kwargs)
+            new_tokens = out if seq2seq else out[:, width:]  # an encoder-decoder returns decoder tokens only
             for row, i in enumerate(idx):
-                outputs[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+                outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
     return outputs

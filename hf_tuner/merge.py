@@ -16,7 +16,7 @@ from hf_tuner.adapters import MERGEABLE_PEFT_TYPES
 from hf_tuner.config import ConfigError
 
 # PEFT task type -> hf-tuner task (hf_tuner.models.TASK_CLASSES)
-TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq", "SEQ_CLS": "classification", None: "masked-lm"}
+TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_2_SEQ_LM": "seq2seq", "SEQ_CLS": "classification", "TOKEN_CLS": "masked-lm"}
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 
 

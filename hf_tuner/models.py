@@ -47,6 +47,9 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
 
     quantization_config (bitsandbytes, from adapters.quantization_for) loads a 4- or 8-bit base and
     readies it for adapter training (norms in fp32, inputs requiring grad), as QLoRA does.
+
+    output_loading_info=True returns (model, tokenizer, info) as well, info["missing_keys"] naming the
+    weights the checkpoint lacked and that start fresh (a new classification head, an untrained MLM head).
     """
     import transformers
 
@@ -56,8 +59,10 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     if isinstance(dtype, str) and dtype not in ("auto",):
         dtype = getattr(torch, dtype)
     auto_cls = getattr(transformers, TASK_CLASSES[task])
-    model = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, attn_implementation=attn_implementation,
-                                     quantization_config=quantization_config, **kwargs)
+    with_info = kwargs.pop("output_loading_info", False)
+    model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
+                                           attn_implementation=attn_implementation,
+                                           quantization_config=quantization_config, **kwargs)
     if quantization_config is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -65,4 +70,33 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     tokenizer = load_tokenizer(name_or_path, revision=revision)
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return (model, tokenizer, info) if with_info else (model, tokenizer)
+
+
+def load_seq2seq_model(name_or_path: str, dtype: str | torch.dtype | None = "float32", revision: str | None = None,
+                       quantization_config=None):
+    """(model, tokenizer, how) for sequence-to-sequence training; `how` says what was loaded.
+
+    An encoder-decoder checkpoint (T5, BART, ...) loads as it is. An encoder-only checkpoint (BERT, MiniLM)
+    is warm-started as a BERT2BERT EncoderDecoderModel (Rothe et al. 2020): the encoder and the decoder both
+    start from it; the decoder's cross-attention is new. No pretrained seq2seq checkpoint installs offline.
+    """
+    from transformers import AutoConfig, EncoderDecoderModel
+
+    path = check_model_source(name_or_path)
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    if config.is_encoder_decoder:
+        model, tokenizer = load_model(name_or_path, "seq2seq", dtype=dtype, revision=revision,
+                                      quantization_config=quantization_config)
+        return model, tokenizer, f"{config.model_type} encoder-decoder checkpoint"
+    tokenizer = load_tokenizer(name_or_path, revision=revision)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, encoder_dtype=dtype, decoder_dtype=dtype)
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if start is None or end is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"{name_or_path}: warm-starting an encoder-decoder needs start, end and pad tokens")
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, tokenizer.pad_token_id
+    return model, tokenizer, f"BERT2BERT warm start from {config.model_type} {name_or_path} (new cross-attention)"

@@ -53,9 +53,11 @@ def build_tokenizer(arch: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     if arch == "bert":
-        tok.post_processor = processors.TemplateProcessing(
+        # ByteLevel(trim_offsets=True): a token's offsets leave out its leading space, as WordPiece's do, so
+        # whole-word masking (which finds words by gaps between offsets) sees word boundaries.
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True), processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])])
     elif arch == "t5":
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])

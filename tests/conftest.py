@@ -39,3 +39,32 @@ def definitions_file(tmp_path) -> Path:
     rows = [{"prompt": f"Define the word '{w}'.", "completion": f"a kind of {w} that is used in the house"}
             for w in WORDS * 2]
     return write_jsonl(tmp_path / "defs.jsonl", rows)
+
+
+POSITIVE = ["great", "wonderful", "lovely", "superb", "brilliant", "charming", "delightful", "excellent"]
+NEGATIVE = ["awful", "terrible", "boring", "dreadful", "horrible", "dull", "painful", "miserable"]
+NOUNS = ["film", "plot", "cast", "story", "ending", "script", "music", "scene", "acting", "movie"]
+VADER_STYLES = {"movieReviewSnippets": "the {noun} was {adj} .", "tweets": "omg my {noun} is so {adj} lol",
+                "amazonReviewSnippets": "this product {noun} is {adj} , would buy",
+                "nytEditorialSnippets": "officials said the {noun} appeared {adj} in the city"}
+
+
+def write_vader_folder(path: Path, per_source: int = 60) -> Path:
+    """Tiny files in the vader ground-truth layout: polarity from the adjective, source from the style,
+    a few near-neutral rows (to be dropped) and one duplicated snippet (must stay on one side of a split)."""
+    import random
+
+    rng = random.Random(0)
+    path.mkdir(parents=True, exist_ok=True)
+    for source, style in VADER_STYLES.items():
+        lines = []
+        for i in range(per_source):
+            positive = i % 2 == 0
+            adj = rng.choice(POSITIVE if positive else NEGATIVE)
+            rating = rng.uniform(1.0, 3.5) * (1 if positive else -1)
+            if i % 10 == 9:
+                rating = 0.2  # near-neutral: dropped by polarity
+            lines.append(f"{i + 1}\t{rating:.3f}\t{style.format(noun=rng.choice(NOUNS), adj=adj)}")
+        lines.append(f"{per_source + 1}\t2.000\t{style.format(noun='film', adj='great')}")  # a duplicate text
+        (path / f"{source}_GroundTruth.txt").write_text("\r\n".join(lines) + "\r\n")
+    return path

@@ -8,12 +8,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, text_metrics
-from hf_tuner.evaluation.tasks import ClassificationTask, GenerationTask
-from hf_tuner.generation import DecodingSettings, generate_batched
+from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_metrics, text_metrics
+from hf_tuner.evaluation.tasks import ClassificationTask, GenerationTask, LanguageModelingTask, RegressionTask
+from hf_tuner.generation import DecodingSettings, generate_batched, is_encoder_decoder
 
 
-def _prompt_text(tokenizer, messages: list[dict]) -> str:
+def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
+    if model is not None and is_encoder_decoder(model):
+        # An encoder-decoder reads the task text itself: no chat template, no earlier turns.
+        return "\n".join(m["content"] for m in messages if m["role"] == "user")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -61,25 +64,79 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
 
 
 def _is_classifier(model) -> bool:
+    if getattr(model, "is_sequence_classifier", False):  # e.g. one task head of a multi-task model
+        return True
     return model.__class__.__name__.endswith("ForSequenceClassification") or (
         hasattr(model, "base_model") and hasattr(model, "peft_config")
         and model.get_base_model().__class__.__name__.endswith("ForSequenceClassification"))
 
 
 @torch.no_grad()
-def classifier_predictions(model, tokenizer, texts: list[str], batch_size: int) -> list[int]:
-    """Argmax class ids from a sequence classifier's logits, batched."""
+def classifier_logits(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+    """A sequence classifier's (or regressor's) logits for every text, batched: (len(texts), num_outputs)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[int] = []
+    out: list[torch.Tensor] = []
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc="classify", unit="batch", leave=False):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
-            out += model(**batch.to(device)).logits.argmax(-1).tolist()
+            out.append(model(**batch.to(device)).logits.float().cpu())
     finally:
         model.train(was_training)
-    return out
+    return torch.cat(out)
+
+
+def classifier_predictions(model, tokenizer, texts: list[str], batch_size: int) -> list[int]:
+    """Argmax class ids from a sequence classifier's logits, batched."""
+    return classifier_logits(model, tokenizer, texts, batch_size).argmax(-1).tolist()
+
+
+def _evaluate_regression(model, tokenizer, task: RegressionTask, settings: DecodingSettings) -> dict:
+    values = classifier_logits(model, tokenizer, [r["text"] for r in task.rows], settings.batch_size)[:, 0].tolist()
+    references = [float(r["target"]) for r in task.rows]
+    return {"metrics": regression_metrics(values, references, task.metrics),
+            "predictions": [f"{v:.3f}" for v in values], "references": [str(r) for r in references]}
+
+
+@torch.no_grad()
+def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, settings: DecodingSettings) -> dict:
+    """Token-weighted perplexity over fixed blocks; for a masked LM, over whole-word-masked tokens (fixed seed)."""
+    from hf_tuner.data.text import chunk_documents, whole_word_mask_collator
+
+    mlm = task.objective == "mlm"
+    blocks = chunk_documents([r["text"] for r in task.rows], tokenizer, task.block_size, word_offsets=mlm,
+                             max_blocks=task.max_blocks)
+    collate = whole_word_mask_collator(tokenizer, task.mlm_probability, seed=task.seed) if mlm else None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count, correct = 0.0, 0, 0
+    try:
+        for start in tqdm(range(0, len(blocks), settings.batch_size), desc=f"perplexity {task.name}", unit="batch",
+                          leave=False):
+            rows = blocks.select(range(start, min(start + settings.batch_size, len(blocks))))
+            if mlm:
+                batch = collate([dict(r) for r in rows])
+                labels = batch.pop("labels")
+            else:
+                batch = {"input_ids": torch.tensor(rows["input_ids"]), "attention_mask": torch.tensor(rows["attention_mask"])}
+                labels = torch.tensor(rows["labels"])
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            if not mlm:  # position t predicts token t+1
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            labels = labels.to(device)
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum").item()
+            keep = labels != -100
+            count += int(keep.sum())
+            correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+    finally:
+        model.train(was_training)
+    metrics = {"perplexity": math.exp(nll / max(count, 1)), "eval_tokens": float(count)}
+    if mlm:
+        metrics["masked_accuracy"] = correct / max(count, 1)
+    return {"metrics": metrics, "predictions": [], "references": []}
 
 
 def _evaluate_classification(model, tokenizer, task: ClassificationTask, settings: DecodingSettings) -> dict:
@@ -90,7 +147,7 @@ def _evaluate_classification(model, tokenizer, task: ClassificationTask, setting
         texts = [str(p) for p in predictions]
         unparsed = 0
     else:  # a causal LM answers with a label word
-        prompts = [_prompt_text(tokenizer, task.messages(row)) for row in task.rows]
+        prompts = [_prompt_text(tokenizer, task.messages(row), model) for row in task.rows]
         texts = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
         predictions = [task.parse_label(t) for t in texts]
         unparsed = sum(p is None for p in predictions)
@@ -114,6 +171,10 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
         result = _evaluate_classification(model, tokenizer, task, settings)
     elif isinstance(task, GenerationTask):
         result = _evaluate_generation(model, tokenizer, task, settings)
+    elif isinstance(task, RegressionTask):
+        result = _evaluate_regression(model, tokenizer, task, settings)
+    elif isinstance(task, LanguageModelingTask):
+        result = _evaluate_language_modeling(model, tokenizer, task, settings)
     else:
         raise TypeError(f"unknown task type {type(task).__name__}")
     result["seconds"] = time.perf_counter() - start
@@ -122,7 +183,7 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
 
 
 def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: DecodingSettings) -> dict:
-    prompts = [_prompt_text(tokenizer, task.messages(row)) for row in task.rows]
+    prompts = [_prompt_text(tokenizer, task.messages(row), model) for row in task.rows]
     references = [task.reference(row) for row in task.rows]
     metrics: dict[str, float] = {}
     predictions: list[str] = []
@@ -131,5 +192,29 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
         predictions = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
         metrics.update(text_metrics(predictions, references, wanted_text))
     if "perplexity" in task.metrics:
-        metrics["perplexity"] = reference_perplexity(model, tokenizer, prompts, references, settings.batch_size)
+        score = seq2seq_reference_perplexity if is_encoder_decoder(model) else reference_perplexity
+        metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size)
     return {"metrics": metrics, "predictions": predictions, "references": references}
+
+
+@torch.no_grad()
+def seq2seq_reference_perplexity(model, tokenizer, sources: list[str], references: list[str], batch_size: int) -> float:
+    """Token-weighted perplexity of each reference as the decoder's target, given its source (encoder-decoders)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for start in range(0, len(sources), batch_size):
+            enc = tokenizer(sources[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            labels = tokenizer(text_target=references[start:start + batch_size], padding=True, truncation=True,
+                               return_tensors="pt")["input_ids"]
+            labels[labels == tokenizer.pad_token_id] = -100
+            logits = model(**enc.to(device), labels=labels.to(device)).logits.float()
+            labels = labels.to(device)
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(nll / max(count, 1))

@@ -88,3 +88,28 @@ def label_metrics(predictions: list, references: list, names=LABEL_METRICS, aver
                                                      zero_division=0)
     out.update({"precision": p, "recall": r, "f1": f})
     return {k: float(out[k]) for k in names}
+
+
+REGRESSION_METRICS = ("mse", "mae", "pearson")
+
+
+def regression_metrics(predictions: list[float], references: list[float], names=REGRESSION_METRICS) -> dict:
+    """Mean squared error, mean absolute error and Pearson correlation (0 when either side is constant)."""
+    import numpy as np
+
+    unknown = [n for n in names if n not in REGRESSION_METRICS]
+    if unknown:
+        raise ValueError(f"unknown regression metric(s) {unknown}; known: {list(REGRESSION_METRICS)}")
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    p, r = np.asarray(predictions, dtype=float), np.asarray(references, dtype=float)
+    out = {"mse": float(((p - r) ** 2).mean()), "mae": float(np.abs(p - r).mean()),
+           "pearson": float(np.corrcoef(p, r)[0, 1]) if p.std() > 0 and r.std() > 0 else 0.0}
+    return {k: out[k] for k in names}
+
+
+def confusion_counts(predictions: list, references: list, labels: list) -> list[list[int]]:
+    """counts[i][j]: references labels[i] predicted as labels[j]; predictions outside `labels` are not counted."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(references, predictions, labels=labels).tolist()

@@ -8,14 +8,15 @@ from pathlib import Path
 # Metrics shown in tables, in this order, with the direction that counts as better.
 TABLE_METRICS = {"accuracy": "higher", "precision": "higher", "recall": "higher", "f1": "higher",
                  "rouge1": "higher", "rouge2": "higher", "rougeL": "higher", "bleu": "higher",
-                 "exact_match": "higher", "perplexity": "lower", "distinct_2": "higher", "mean_length": None,
-                 "seconds_per_example": "lower"}
-TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example"}
+                 "exact_match": "higher", "perplexity": "lower", "masked_accuracy": "higher",
+                 "mse": "lower", "mae": "lower", "pearson": "higher",
+                 "distinct_2": "higher", "mean_length": None, "seconds_per_example": "lower"}
+TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example", "mse", "mae"}
 
 
 def comparison(metrics: dict) -> list[tuple[str, dict]]:
     """Rows of the base vs baselines vs tuned table, from a metrics.json dict."""
-    rows = [("base (zero-shot)", metrics.get("base", {}))]
+    rows = [(metrics.get("base_label", "base (zero-shot)"), metrics.get("base", {}))]
     rows += [(f"base ({name})", m) for name, m in metrics.get("baselines", {}).items()]
     rows.append(("tuned", metrics.get("tuned", {})))
     return rows
@@ -23,6 +24,8 @@ def comparison(metrics: dict) -> list[tuple[str, dict]]:
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     names = [m for m in TABLE_METRICS if any(m in r for _, r in rows)]
+    if not names:  # metrics this table does not know (e.g. "<task>/<metric>"): every number, in first-seen order
+        names = list(dict.fromkeys(k for _, r in rows for k, v in r.items() if isinstance(v, (int, float))))
     header = "| model | " + " | ".join(names) + " |"
     lines = [header, "|---|" + "---:|" * len(names)]
     for label, r in rows:
@@ -57,6 +60,28 @@ def plot_metrics(rows: list[tuple[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_confusion_matrix(counts: list[list[int]], labels: list, path: Path, title: str = "confusion matrix") -> None:
+    """counts[i][j]: true labels[i] predicted as labels[j]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(counts, cmap="Blues")
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center")
+    ax.set_xticks(range(len(labels)), [str(x) for x in labels], rotation=30)
+    ax.set_yticks(range(len(labels)), [str(x) for x in labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_loss(log_history: list[dict], path: Path) -> bool:
     import matplotlib
 
@@ -80,8 +105,11 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
     return True
 
 
-def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict], log_history: list[dict]) -> str:
-    """Write metrics.json, report.md and plots into the run folder; return the comparison table."""
+def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict], log_history: list[dict],
+                     notes: list[str] | None = None) -> str:
+    """Write metrics.json, report.md and plots into the run folder; return the comparison table.
+
+    notes: extra Markdown lines (recipe-specific sections) put after the held-out tables."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = comparison(metrics)
     table = format_table(rows)
@@ -95,7 +123,7 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
     for name, parts in metrics.get("held_out_tasks", {}).items():
         lines += [f"### Held-out task (never trained on): {name}", "",
                   format_table([("base (zero-shot)", parts.get("base", {})), ("tuned", parts.get("tuned", {}))]), ""]
-    lines += ["## Training", ""]
+    lines += [*(notes or []), "## Training", ""]
     lines += [f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in train.items()]
     if has_loss:
         lines += ["", "![loss](loss.png)"]

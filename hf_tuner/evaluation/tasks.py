@@ -77,3 +77,34 @@ class ClassificationTask:
         rows = [{**r, "group": r.get("group", r["text"])} for r in train_rows]
         shots = draw_shots(rows, k, seed, exclude_groups=held, balance_key="label")
         return replace(self, name=f"{self.name}/few_shot_{k}", shots=shots)
+
+
+@dataclass
+class RegressionTask:
+    """Rows {"text", "target"}: a one-output head's value against a real-valued target (e.g. a mean rating)."""
+
+    name: str
+    rows: list[dict]
+    metrics: tuple[str, ...] = ("mse", "mae", "pearson")
+
+
+@dataclass
+class LanguageModelingTask:
+    """Held-out documents, concatenated and cut into `block_size`-token blocks, scored by perplexity.
+
+    objective "clm": next-token perplexity over every position but the first of each block.
+    objective "mlm": whole words masked at `mlm_probability` with a fixed seed (the same masks for the
+    base and the tuned model); perplexity and accuracy over the masked tokens.
+    """
+
+    name: str
+    rows: list[dict]  # {"text", ...}: whole documents
+    block_size: int = 128
+    objective: str = "clm"
+    mlm_probability: float = 0.15
+    max_blocks: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in ("clm", "mlm"):
+            raise ValueError(f"objective {self.objective!r}: clm or mlm")

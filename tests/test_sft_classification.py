@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+
+from conftest import write_vader_folder
+from hf_tuner.config import ConfigError
+from recipes.sft_classification import train
+
+RUN_FILES = ["config.yaml", "metrics.json", "report.md", "log_history.json", "loss.png", "metrics.png",
+             "confusion_matrix.png", "model/config.json", "model/model.safetensors", "model/tokenizer_config.json"]
+
+
+def _config(tmp_path, vader, **overrides):
+    cfg = {"model_name_or_path": "tiny-bert", "dataset_name": str(vader), "output_dir": str(tmp_path / "run"),
+           "vader_sources": ["movieReviewSnippets", "tweets"], "eval_samples": 16, "few_shot": 2,
+           "baseline_model": "tiny-llama", "eval_batch_size": 8, "eval_max_new_tokens": 3, "max_length": 32,
+           "peft_method": "full", "per_device_train_batch_size": 8, "max_steps": 80, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
+           "logging_steps": 1, "save_strategy": "no", "report_to": ["tensorboard"], "bf16": False, "seed": 0,
+           "num_threads": 2}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def vader(tmp_path_factory):
+    return write_vader_folder(tmp_path_factory.mktemp("vader"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, vader):
+    tmp = tmp_path_factory.mktemp("cls")
+    return train(_config(tmp, vader)), tmp
+
+
+def test_loss_falls_and_accuracy_beats_the_untrained_head(finished_run):
+    result, _ = finished_run
+    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
+    assert len(losses) == 80
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+    assert result.metrics["tuned"]["accuracy"] >= 0.8
+
+
+def test_run_folder_is_complete(finished_run):
+    result, _ = finished_run
+    for name in RUN_FILES:
+        assert (result.output_dir / name).exists(), name
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "baselines", "tuned", "train"}
+    assert set(metrics["baselines"]) == {"tiny-llama zero_shot", "tiny-llama few_shot_2"}
+    for part in (metrics["base"], *metrics["baselines"].values(), metrics["tuned"]):
+        assert {"accuracy", "precision", "recall", "f1"} <= set(part)
+    matrix = metrics["confusion_matrix"]
+    assert matrix["labels"] == ["negative", "positive"]
+    assert sum(map(sum, matrix["tuned"])) == metrics["train"]["eval_examples"] == 16
+    report = (result.output_dir / "report.md").read_text()
+    assert "base (untrained head)" in report and "tiny-llama few_shot_2" in report and "Confusion matrix" in report
+
+
+def test_reloaded_model_gives_the_same_logits(finished_run):
+    from transformers import AutoModelForSequenceClassification
+
+    result, _ = finished_run
+    batch = result.tokenizer(["the film was great .", "omg my plot is so dull lol"], return_tensors="pt", padding=True)
+    result.model.eval()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result.output_dir / "model").eval()
+    with torch.no_grad():
+        assert torch.allclose(result.model(**batch).logits, reloaded(**batch).logits, atol=1e-5)
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_lora_adapter_trains_and_reloads(tmp_path, vader):
+    from peft import AutoPeftModelForSequenceClassification
+
+    result = train(_config(tmp_path, vader, peft_method="lora", baseline_model="", few_shot=0, max_steps=6,
+                           lora_r=4))
+    assert (result.output_dir / "model" / "adapter_config.json").exists()
+    batch = result.tokenizer(["the film was great ."], return_tensors="pt")
+    result.model.eval()
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(result.output_dir / "model").eval()
+    with torch.no_grad():
+        assert torch.allclose(result.model(**batch).logits, reloaded(**batch).logits, atol=1e-5)
+
+
+def test_no_held_out_snippet_is_trained_on(vader):
+    from recipes.sft_classification import _config as parse, _data
+
+    cfg = parse({"model_name_or_path": "tiny-bert", "dataset_name": str(vader), "eval_samples": 20})
+    train_rows, held_rows = _data(cfg)
+    assert not {r["group"] for r in train_rows} & {r["group"] for r in held_rows}
+    assert all(abs(r["rating"]) >= 0.5 for r in train_rows + held_rows)  # near-neutral rows dropped
+    assert {r["label"] for r in train_rows} == {"negative", "positive"}
+
+
+def test_unknown_vader_source_is_refused(tmp_path, vader):
+    from hf_tuner.data import DataError
+
+    with pytest.raises(DataError, match="unknown source"):
+        train(_config(tmp_path, vader, vader_sources=["reddit"]))
+    with pytest.raises(ConfigError, match="peft_method"):
+        train(_config(tmp_path, vader, peft_method="magic"))
