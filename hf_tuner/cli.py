@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from hf_tuner import assets
 
-RECIPES = ["sft_instruction"]
+# Every module of the `recipes` package that has a `train(config)` is a recipe; new ones appear here by themselves.
+_RECIPE_DIR = Path(importlib.util.find_spec("recipes").submodule_search_locations[0])
+RECIPES = sorted(p.stem for p in _RECIPE_DIR.glob("*.py") if "\ndef train(" in p.read_text())
 
 
 def _assets(args: argparse.Namespace) -> int:

@@ -151,7 +151,8 @@ def train(config=None) -> RunResult:
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
         "confusion_matrix": confusion,
     }
-    notes = ["## Confusion matrix (tuned)", "", "rows: true label; columns: predicted (" + ", ".join(labels) + ")", "",
+    notes = ["## Confusion matrices", "", "Rows: true label; columns: predicted (" + ", ".join(labels) + "). An LM answer "
+             "that names no label counts as wrong in the metrics but sits in no cell here (see `unparsed`).", "",
              *[f"- {k}: {v}" for k, v in confusion.items() if k != "labels"], "",
              "![confusion matrix](confusion_matrix.png)", ""]
     examples = [{"text": r["text"], "label": r["label"], **{k: v["predictions"][i] for k, v in results.items()}}

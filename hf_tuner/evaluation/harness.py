@@ -9,7 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_metrics, text_metrics
-from hf_tuner.evaluation.tasks import ClassificationTask, GenerationTask, LanguageModelingTask, RegressionTask
+from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
+from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
+                                     RegressionTask, RewardTask)
 from hf_tuner.generation import DecodingSettings, generate_batched, is_encoder_decoder
 
 
@@ -175,6 +177,10 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
         result = _evaluate_regression(model, tokenizer, task, settings)
     elif isinstance(task, LanguageModelingTask):
         result = _evaluate_language_modeling(model, tokenizer, task, settings)
+    elif isinstance(task, PreferenceTask):
+        result = evaluate_preferences(model, tokenizer, task, settings)
+    elif isinstance(task, RewardTask):
+        result = evaluate_policy(model, tokenizer, task, settings)
     else:
         raise TypeError(f"unknown task type {type(task).__name__}")
     result["seconds"] = time.perf_counter() - start

@@ -10,8 +10,10 @@ TABLE_METRICS = {"accuracy": "higher", "precision": "higher", "recall": "higher"
                  "rouge1": "higher", "rouge2": "higher", "rougeL": "higher", "bleu": "higher",
                  "exact_match": "higher", "perplexity": "lower", "masked_accuracy": "higher",
                  "mse": "lower", "mae": "lower", "pearson": "higher",
+                 "pairwise_accuracy": "higher", "mean_margin": "higher", "mean_reward": "higher", "reward_se": None,
+                 "kl": None,
                  "distinct_2": "higher", "mean_length": None, "seconds_per_example": "lower"}
-TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example", "mse", "mae"}
+TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example", "mse", "mae", "kl"}
 
 
 def comparison(metrics: dict) -> list[tuple[str, dict]]:

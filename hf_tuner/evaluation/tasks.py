@@ -108,3 +108,31 @@ class LanguageModelingTask:
     def __post_init__(self):
         if self.objective not in ("clm", "mlm"):
             raise ValueError(f"objective {self.objective!r}: clm or mlm")
+
+
+@dataclass
+class PreferenceTask:
+    """Rows {"chosen", "rejected", "prompt"?}: a scalar reward model should score chosen above rejected.
+
+    Metrics: pairwise_accuracy (ties count as wrong), mean_margin (chosen - rejected) and the mean
+    scores of each side."""
+
+    name: str
+    rows: list[dict]
+    metrics: tuple[str, ...] = ("pairwise_accuracy", "mean_margin", "reward_chosen", "reward_rejected")
+
+
+@dataclass
+class RewardTask:
+    """Prompts continued by a policy and scored by a reward: mean reward (with its standard error), the KL
+    to the reference policy on the policy's own samples, distinct-n and length.
+
+    reward_fn(prompts, responses) -> list[float]. reference_model: a frozen model, or None to use the
+    evaluated PEFT model with its adapter disabled (KL 0 for a model without one)."""
+
+    name: str
+    rows: list[dict]  # {"prompt": text, ...}
+    reward_fn: object = None
+    temperature: float | None = 0.7  # None: greedy
+    reference_model: object = None
+    metrics: tuple[str, ...] = ("mean_reward", "reward_se", "kl", "distinct_1", "distinct_2", "mean_length")

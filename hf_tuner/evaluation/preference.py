@@ -1,0 +1,66 @@
+"""Harness parts for preference learning: reward models on held-out pairs, policies under a reward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hf_tuner.evaluation.metrics import distinct_n
+from hf_tuner.evaluation.tasks import PreferenceTask, RewardTask
+
+
+def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings) -> dict:
+    from hf_tuner.rl.rewards import RewardModel, pairwise_scores
+
+    reward = RewardModel(model, tokenizer, batch_size=settings.batch_size)
+    was_training = model.training
+    try:
+        chosen, rejected = pairwise_scores(reward, task.rows)
+    finally:
+        model.train(was_training)
+    n = max(len(task.rows), 1)
+    metrics = {"pairwise_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+               "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+               "reward_chosen": sum(chosen) / n, "reward_rejected": sum(rejected) / n}
+    return {"metrics": {k: v for k, v in metrics.items() if k in task.metrics},
+            "predictions": [f"{c:.3f} vs {r:.3f}" for c, r in zip(chosen, rejected)],
+            "references": ["chosen > rejected"] * len(task.rows), "chosen": chosen, "rejected": rejected}
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, task: RewardTask, settings) -> dict:
+    """Sample one response per prompt (seeded), score it, and estimate KL(policy || reference) on those
+    samples: the sum over response tokens of log pi - log pi_ref, averaged over prompts."""
+    from hf_tuner.rl.ppo import forward_logprobs, reference_context, sample_responses
+
+    if task.reward_fn is None:
+        raise ValueError(f"task {task.name}: a RewardTask needs a reward_fn")
+    prompts = [r["prompt"] for r in task.rows]
+    q, qm, r, rm, texts, _ = sample_responses(model, tokenizer, prompts, settings.max_new_tokens, task.temperature,
+                                              settings.batch_size, seed=settings.seed)
+    rewards = [float(x) for x in task.reward_fn(prompts, texts)]
+    kls = []
+    adapter = task.reference_model is None and hasattr(model, "disable_adapter")
+    if task.reference_model is not None or adapter:
+        was_training = model.training
+        model.eval()
+        temperature = task.temperature or 1.0
+        try:
+            for s in range(0, len(prompts), settings.batch_size):
+                part = [t[s:s + settings.batch_size] for t in (q, qm, r, rm)]
+                logprobs, _, _ = forward_logprobs(model, *part, temperature)
+                ref, ctx = reference_context(model, task.reference_model)
+                with ctx:
+                    ref_logprobs, _, _ = forward_logprobs(ref, *part, temperature)
+                kls += (logprobs - ref_logprobs).sum(1).tolist()
+        finally:
+            model.train(was_training)
+    n = len(rewards)
+    mean = sum(rewards) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(n - 1, 1))
+    metrics = {"mean_reward": mean, "reward_se": sd / math.sqrt(n), "kl": sum(kls) / n if kls else 0.0,
+               "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+               "mean_length": sum(len(t.split()) for t in texts) / n}
+    return {"metrics": {k: v for k, v in metrics.items() if k in task.metrics}, "predictions": texts,
+            "references": prompts, "rewards": rewards}

@@ -1,0 +1,333 @@
+"""PPO for language models (RLHF), on accelerate and the TRL utilities that remain.
+
+TRL removed its PPOTrainer after 1.12.0, so this is our own, following InstructGPT and "The N+
+implementation details of RLHF with PPO" (Huang et al. 2024):
+
+- rollouts sampled from the policy at `temperature`; logits divided by the same temperature when scoring;
+- responses truncated after the first EOS; an optional penalty when no EOS was produced;
+- reward = reward-model score at the last response token, minus a per-token KL penalty
+  kl_coef * (log pi - log pi_ref), with a fixed or adaptive (Ziegler et al. 2019) coefficient;
+- GAE (gamma, lambda), whitened advantages, returns = advantages + values;
+- clipped policy loss and clipped value loss, several epochs over minibatches of each rollout;
+- dropout off in every forward, so the first minibatch's ratio is exactly 1.
+
+The value function is a linear head on the policy's last hidden state (shared trunk). With a PEFT
+policy the reference is the same model with its adapter disabled: no second copy in memory. The reward
+is any callable `(prompts, responses) -> list[float]`, so a reward model may use its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOArguments:
+    """PPO's own settings; the learning rate, batch size, steps and seed are the TrainingArguments'."""
+
+    response_length: int = field(default=24, metadata={"help": "new tokens sampled per prompt"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (also divides the logits)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout batch"})
+    num_mini_batches: int = field(default=2, metadata={"help": "minibatches per rollout batch and epoch"})
+    kl_coef: float = field(default=0.05, metadata={"help": "per-token KL penalty coefficient (beta)"})
+    adaptive_kl: bool = field(default=False, metadata={"help": "adapt kl_coef toward target_kl (Ziegler et al.)"})
+    target_kl: float = field(default=6.0, metadata={"help": "adaptive KL: target KL per sequence (nats)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL: horizon in episodes"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value prediction clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    whiten_rewards: bool = field(default=False, metadata={"help": "whiten per-token rewards before GAE"})
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "subtracted from the score of a response that never ends (None: off)"})
+    kl_warn: float = field(default=20.0, metadata={"help": "warn when the mean KL per sequence exceeds this"})
+
+
+# ---- the maths, as plain functions (tested against hand-computed values) ----
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); masked-out entries are left as they are."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        white = white + mean
+    return torch.where(mask.bool(), white, x)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens: (advantages, returns), both (batch, T).
+
+    Entries past the end of a response (mask 0) have zero reward and value, so they add nothing."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    steps = rewards.shape[1]
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float):
+    """Per-token rewards -kl_coef * (log pi - log pi_ref), plus the score on each response's last token.
+
+    Returns (rewards, kl): kl is the per-token estimate log pi - log pi_ref (zero where the policy is the reference)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, cliprange, cliprange_value):
+    """Clipped policy loss and clipped value loss (PPO, Schulman et al. 2017), with their statistics."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg1, pg2), mask)
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+    stats = {"clipfrac": masked_mean((pg2 > pg1).float(), mask).item(),
+             "approx_kl": masked_mean(0.5 * log_ratio ** 2, mask).item(),
+             "vf_clipfrac": masked_mean(((v_clipped - returns) ** 2 > (values - returns) ** 2).float(), mask).item()}
+    return pg_loss, vf_loss, stats
+
+
+class KLController:
+    """Fixed coefficient, or adaptive toward a target KL per sequence (Ziegler et al. 2019)."""
+
+    def __init__(self, value: float, adaptive: bool = False, target: float = 6.0, horizon: int = 10000):
+        self.value, self.adaptive, self.target, self.horizon = value, adaptive, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        if self.adaptive:
+            error = max(-0.2, min(0.2, current_kl / self.target - 1))
+            self.value *= 1 + error * n_episodes / self.horizon
+
+
+# ---- rollouts and scoring ----
+
+def disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], response_length: int, temperature: float | None,
+                     batch_size: int = 16, seed: int | None = None):
+    """Sample (or, with temperature None, greedily decode) one response per prompt.
+
+    Returns (query ids left-padded (N, Q), query mask, response ids (N, R) padded after the first EOS,
+    response mask, response texts, ended (N,) bool: an EOS was produced)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in enc)
+    queries = torch.full((len(prompts), width), pad, dtype=torch.long)
+    qmask = torch.zeros_like(queries)
+    for i, ids in enumerate(enc):
+        queries[i, width - len(ids):] = torch.tensor(ids)
+        qmask[i, width - len(ids):] = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else \
+        {"do_sample": False}
+    chunks = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            out = model.generate(input_ids=queries[s:s + batch_size].to(device),
+                                 attention_mask=qmask[s:s + batch_size].to(device),
+                                 max_new_tokens=response_length, min_new_tokens=1, pad_token_id=pad, **sampling)
+            resp = out[:, width:].cpu()
+            chunks.append(torch.nn.functional.pad(resp, (0, response_length - resp.shape[1]), value=pad))
+    finally:
+        model.train(was_training)
+    responses = torch.cat(chunks)
+    is_eos = responses == eos if eos is not None else torch.zeros_like(responses, dtype=torch.bool)
+    ended = is_eos.any(1)
+    first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_length - 1, dtype=torch.long))
+    rmask = (torch.arange(response_length)[None, :] <= first_eos[:, None]).long()
+    responses = torch.where(rmask.bool(), responses, torch.full_like(responses, pad))
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return queries, qmask, responses, rmask, texts, ended
+
+
+def forward_logprobs(model, queries, qmask, responses, rmask, temperature: float, value_head=None,
+                     with_entropy: bool = False):
+    """Per-token log-probs of the responses (logits / temperature), plus values and entropy when asked.
+
+    Position ids follow the attention mask, as in generation with left padding."""
+    input_ids = torch.cat([queries, responses], 1)
+    attention = torch.cat([qmask, rmask], 1)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                output_hidden_states=value_head is not None, use_cache=False)
+    q = queries.shape[1]
+    logits = out.logits[:, q - 1:-1].float() / (temperature or 1.0)
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    logprobs = selective_log_softmax(logits, responses) * rmask
+    values = value_head(out.hidden_states[-1][:, q - 1:-1]).squeeze(-1).float() * rmask if value_head else None
+    entropy = entropy_from_logits(logits) * rmask if with_entropy else None
+    return logprobs, values, entropy
+
+
+def reference_context(model, ref_model):
+    """The reference policy: a separate frozen model, or this PEFT model with its adapter disabled."""
+    if ref_model is not None:
+        return ref_model, nullcontext()
+    if hasattr(model, "disable_adapter"):
+        return model, model.disable_adapter()
+    raise ValueError("full fine-tuning needs a separate reference model (ref_model)")
+
+
+class PPOTrainer:
+    """PPO on a causal LM policy. `policy`: a PEFT model (reference = adapter disabled) or a plain model
+    with `ref_model` given. `reward_fn(prompts, responses) -> list[float]`."""
+
+    def __init__(self, policy, tokenizer, reward_fn, args, ppo: PPOArguments, ref_model=None, accelerator=None):
+        from accelerate import Accelerator
+        from transformers import get_scheduler
+
+        self.args, self.ppo, self.tokenizer, self.reward_fn = args, ppo, tokenizer, reward_fn
+        self.accelerator = accelerator or Accelerator(cpu=bool(args.use_cpu),
+                                                      mixed_precision="bf16" if args.bf16 else "no")
+        disable_dropout(policy)
+        if ref_model is not None:
+            disable_dropout(ref_model.eval().requires_grad_(False))
+        hidden = policy.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=args.weight_decay)
+        mb_updates = ppo.ppo_epochs * ppo.num_mini_batches
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
+                                  num_training_steps=max(1, args.max_steps) * mb_updates)
+        self.policy, self.value_head, self.optimizer, self.scheduler = self.accelerator.prepare(
+            policy, self.value_head, optimizer, scheduler)
+        self.ref_model = ref_model
+        self.kl = KLController(ppo.kl_coef, ppo.adaptive_kl, ppo.target_kl, ppo.kl_horizon)
+        self.history: list[dict] = []
+
+    @property
+    def model(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict:
+        ppo, model = self.ppo, self.model
+        q, qm, r, rm, texts, ended = sample_responses(model, self.tokenizer, prompts, ppo.response_length,
+                                                      ppo.temperature, batch_size=len(prompts))
+        dev = self.accelerator.device
+        q, qm, r, rm = q.to(dev), qm.to(dev), r.to(dev), rm.to(dev)
+        value_head = self.accelerator.unwrap_model(self.value_head)
+        with self.accelerator.autocast():
+            logprobs, values, _ = forward_logprobs(model, q, qm, r, rm, ppo.temperature, value_head)
+            ref, ctx = reference_context(model, self.ref_model)
+            with ctx:
+                ref_logprobs, _, _ = forward_logprobs(ref, q, qm, r, rm, ppo.temperature)
+        scores = torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float, device=dev)
+        raw_scores = scores.clone()
+        if ppo.missing_eos_penalty is not None:
+            scores = scores - ppo.missing_eos_penalty * (~ended.to(dev)).float()
+        rm = rm.float()
+        rewards, kl = token_rewards(scores, logprobs, ref_logprobs, rm, self.kl.value)
+        if ppo.whiten_rewards:
+            rewards = masked_whiten(rewards, rm, shift_mean=False) * rm
+        advantages, returns = gae(rewards, values, rm, ppo.gamma, ppo.lam)
+        advantages = masked_whiten(advantages, rm) * rm
+        return {"queries": q, "qmask": qm, "responses": r, "rmask": rm, "logprobs": logprobs, "values": values,
+                "advantages": advantages, "returns": returns, "scores": raw_scores, "kl": kl.sum(1),
+                "texts": texts, "ended": ended}
+
+    def step(self, prompts: list[str]) -> dict:
+        """One PPO iteration: a rollout on `prompts`, then ppo_epochs x num_mini_batches updates."""
+        ppo, acc = self.ppo, self.accelerator
+        start = time.perf_counter()
+        batch = self.rollout(prompts)
+        n = len(prompts)
+        mb = max(1, n // ppo.num_mini_batches)
+        stats: dict[str, list] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [],
+                                  "vf_clipfrac": []}
+        self.policy.train()
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(n)
+            for s in range(0, n, mb):
+                i = order[s:s + mb].to(acc.device)
+                with acc.autocast():
+                    logprobs, values, entropy = forward_logprobs(
+                        self.policy, batch["queries"][i], batch["qmask"][i], batch["responses"][i],
+                        batch["rmask"][i], ppo.temperature, self.value_head, with_entropy=True)
+                mask = batch["rmask"][i]
+                pg_loss, vf_loss, s_stats = ppo_losses(
+                    logprobs, batch["logprobs"][i], batch["advantages"][i], values, batch["values"][i],
+                    batch["returns"][i], mask, ppo.cliprange, ppo.cliprange_value)
+                acc.backward(pg_loss + ppo.vf_coef * vf_loss)
+                if self.args.max_grad_norm:
+                    acc.clip_grad_norm_(list(self.policy.parameters()) + list(self.value_head.parameters()),
+                                        self.args.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+                for k, v in {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(),
+                             "entropy": masked_mean(entropy.detach(), mask).item(), **s_stats}.items():
+                    stats[k].append(v)
+        self.policy.eval()
+        gathered = {k: acc.gather(batch[k].float()).mean().item() for k in ("scores", "kl")}
+        lengths = acc.gather(batch["rmask"].sum(1)).float().mean().item()
+        record = {"step": len(self.history) + 1, "reward": gathered["scores"], "kl": gathered["kl"],
+                  "kl_coef": self.kl.value, "response_length": lengths,
+                  "eos_fraction": batch["ended"].float().mean().item(),
+                  **{k: sum(v) / len(v) for k, v in stats.items()},
+                  "first_minibatch_clipfrac": stats["clipfrac"][0], "seconds": time.perf_counter() - start}
+        self.kl.update(gathered["kl"], n * acc.num_processes)
+        self._warn(record)
+        self.history.append(record)
+        return record
+
+    def _warn(self, record: dict) -> None:
+        if record["kl"] < -1.0:
+            log.warning("step %d: the KL to the reference is negative (%.2f nats per response). Sampled KL "
+                        "estimates below zero mean the policy's samples are more likely under the reference than "
+                        "under the policy itself: check the temperature and that rollout and training use the "
+                        "same precision.", record["step"], record["kl"])
+        elif record["kl"] > self.ppo.kl_warn:
+            log.warning("step %d: the KL to the reference is %.1f nats per response, above kl_warn=%.1f: the "
+                        "policy is drifting far from the reference (reward hacking?). Raise kl_coef, lower the "
+                        "learning rate, or turn on adaptive_kl.", record["step"], record["kl"], self.ppo.kl_warn)
+        if not math.isfinite(record["pg_loss"]):
+            raise FloatingPointError(f"step {record['step']}: the policy loss is {record['pg_loss']}")
+
+    def save(self, output_dir) -> None:
+        from pathlib import Path
+
+        out = Path(output_dir)
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(out)
+            self.tokenizer.save_pretrained(out)
+            torch.save(self.accelerator.unwrap_model(self.value_head).state_dict(), out / "value_head.pt")

@@ -1,0 +1,99 @@
+"""Rewards for RL: a trained reward model (any tokenizer) or a Python function, and the gate before RL.
+
+A reward is a callable `(prompts, responses) -> list[float]`. A reward model scores the decoded text
+`prompt + " " + response`, re-tokenized with its own tokenizer, so the policy and the reward model need
+not share a vocabulary (MiniLM scoring SmolLM2's text). TRL's old PPOTrainer required a shared tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from hf_tuner.config import ConfigError
+
+
+def joined(prompt: str, response: str) -> str:
+    return f"{prompt} {response}".strip() if prompt else response
+
+
+class RewardModel:
+    """A sequence classifier with one output, used as a reward function. Scores are its raw logits."""
+
+    def __init__(self, model, tokenizer, max_length: int = 128, batch_size: int = 32):
+        self.model, self.tokenizer, self.max_length, self.batch_size = model.eval(), tokenizer, max_length, batch_size
+
+    @classmethod
+    def load(cls, path: str, **kw) -> "RewardModel":
+        from hf_tuner.models import load_model
+
+        model, tokenizer = load_model(path, "classification")
+        if model.config.num_labels != 1:
+            raise ConfigError(f"reward_model {path}: expected a scalar head (num_labels=1), got {model.config.num_labels}")
+        return cls(model, tokenizer, **kw)
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        out = []
+        device = next(self.model.parameters()).device
+        for s in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[s:s + self.batch_size], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(device)
+            out += self.model(**batch).logits[:, 0].float().tolist()
+        return out
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return self.score_texts([joined(p, r) for p, r in zip(prompts, responses)])
+
+
+def load_reward_function(spec: str):
+    """`module:function` (called as f(prompts, responses) -> list[float]) or a reward-model folder/asset/run."""
+    if ":" in spec and not Path(spec).exists():
+        module, _, name = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"reward: cannot import {spec!r} ({e})") from e
+        if not callable(fn):
+            raise ConfigError(f"reward: {spec!r} is not callable")
+        return fn
+    return RewardModel.load(str(reward_model_folder(spec)))
+
+
+def reward_model_folder(spec: str) -> Path | str:
+    """A reward_model run folder holds its model in `model/`; anything else is passed on as it is."""
+    p = Path(spec).expanduser()
+    return p / "model" if (p / "model" / "config.json").is_file() else spec
+
+
+def pairwise_scores(reward: RewardModel, pairs: list[dict]) -> tuple[list[float], list[float]]:
+    chosen = reward.score_texts([joined(p.get("prompt", ""), p["chosen"]) for p in pairs])
+    rejected = reward.score_texts([joined(p.get("prompt", ""), p["rejected"]) for p in pairs])
+    return chosen, rejected
+
+
+def check_reward_gate(reward_spec: str, min_accuracy: float, pairs: list[dict] | None = None) -> float | None:
+    """Refuse RL on a reward model that does not rank held-out pairs well enough.
+
+    The accuracy comes from the reward-model run's metrics.json, or is measured on `pairs`.
+    A Python reward function passes (None is returned: nothing to check)."""
+    if ":" in reward_spec and not Path(reward_spec).exists():
+        return None
+    metrics_file = Path(reward_spec).expanduser() / "metrics.json"
+    if metrics_file.is_file():
+        accuracy = json.loads(metrics_file.read_text())["tuned"]["pairwise_accuracy"]
+        where = str(metrics_file)
+    elif pairs:
+        chosen, rejected = pairwise_scores(RewardModel.load(str(reward_model_folder(reward_spec))), pairs)
+        accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+        where = f"{len(pairs)} held-out pairs"
+    else:
+        raise ConfigError(f"reward_model {reward_spec}: no metrics.json and no held-out pairs to check it on")
+    if accuracy < min_accuracy:
+        raise ConfigError(f"reward_model {reward_spec}: held-out pairwise accuracy {accuracy:.3f} ({where}) is below "
+                          f"min_reward_accuracy={min_accuracy}; RL against it would optimise noise. Train a better "
+                          "reward model, or lower min_reward_accuracy deliberately.")
+    return accuracy
