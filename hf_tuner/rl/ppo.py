@@ -267,10 +267,26 @@ class PPOTrainer:
 
     def step(self, prompts: list[str]) -> dict:
         """One PPO iteration: a rollout on `prompts`, then ppo_epochs x num_mini_batches updates."""
-        ppo, acc = self.ppo, self.accelerator
         start = time.perf_counter()
         batch = self.rollout(prompts)
-        n = len(prompts)
+        stats = self.update(batch)
+        acc = self.accelerator
+        gathered = {k: acc.gather(batch[k].float()).mean().item() for k in ("scores", "kl")}
+        lengths = acc.gather(batch["rmask"].sum(1)).float().mean().item()
+        record = {"step": len(self.history) + 1, "reward": gathered["scores"], "kl": gathered["kl"],
+                  "kl_coef": self.kl.value, "response_length": lengths,
+                  "eos_fraction": batch["ended"].float().mean().item(),
+                  **{k: sum(v) / len(v) for k, v in stats.items()},
+                  "first_minibatch_clipfrac": stats["clipfrac"][0], "seconds": time.perf_counter() - start}
+        self.kl.update(gathered["kl"], len(prompts) * acc.num_processes)
+        self._warn(record)
+        self.history.append(record)
+        return record
+
+    def update(self, batch: dict) -> dict[str, list]:
+        """ppo_epochs passes of num_mini_batches minibatches over one rollout batch; the stats of each."""
+        ppo, acc = self.ppo, self.accelerator
+        n = len(batch["texts"])
         mb = max(1, n // ppo.num_mini_batches)
         stats: dict[str, list] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [],
                                   "vf_clipfrac": []}
@@ -298,17 +314,7 @@ class PPOTrainer:
                              "entropy": masked_mean(entropy.detach(), mask).item(), **s_stats}.items():
                     stats[k].append(v)
         self.policy.eval()
-        gathered = {k: acc.gather(batch[k].float()).mean().item() for k in ("scores", "kl")}
-        lengths = acc.gather(batch["rmask"].sum(1)).float().mean().item()
-        record = {"step": len(self.history) + 1, "reward": gathered["scores"], "kl": gathered["kl"],
-                  "kl_coef": self.kl.value, "response_length": lengths,
-                  "eos_fraction": batch["ended"].float().mean().item(),
-                  **{k: sum(v) / len(v) for k, v in stats.items()},
-                  "first_minibatch_clipfrac": stats["clipfrac"][0], "seconds": time.perf_counter() - start}
-        self.kl.update(gathered["kl"], n * acc.num_processes)
-        self._warn(record)
-        self.history.append(record)
-        return record
+        return stats
 
     def _warn(self, record: dict) -> None:
         if record["kl"] < -1.0:

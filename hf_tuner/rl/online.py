@@ -1,0 +1,107 @@
+"""Online RL loops on a prompt set: our PPO, or TRL's GRPO / RLOO, behind one call, with one history format."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+# What every algorithm logs per step, under one name each (TRL's names mapped in _from_trl).
+CURVES = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"]
+TRL_NAMES = {"reward": "reward", "kl": "kl", "entropy": "entropy", "clip_ratio/region_mean": "clipfrac",
+             "completions/mean_length": "response_length"}
+
+
+def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_model=None, out: Path | None = None):
+    """Our PPO for args.max_steps steps of per_device_train_batch_size prompts each. Returns (model, history)."""
+    from tqdm.auto import tqdm
+
+    from hf_tuner.rl.ppo import PPOTrainer
+
+    trainer = PPOTrainer(model, tokenizer, reward_fn, args, ppo, ref_model=ref_model)
+    acc = trainer.accelerator
+    rng = random.Random(args.seed)
+    mine = prompts[acc.process_index::acc.num_processes]  # each process rolls out its own share of prompts
+    order: list[str] = []
+    writer = _tensorboard(args, out) if acc.is_main_process else None
+    bar = tqdm(range(args.max_steps), desc="ppo", unit="step", disable=not acc.is_main_process)
+    for step in bar:
+        if len(order) < args.per_device_train_batch_size:
+            order += rng.sample(mine, len(mine))
+        batch, order = order[:args.per_device_train_batch_size], order[args.per_device_train_batch_size:]
+        record = trainer.step(batch)
+        bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.2f}")
+        if writer is not None:
+            for k, v in record.items():
+                writer.add_scalar(f"ppo/{k}", v, step + 1)
+    if writer is not None:
+        writer.close()
+    return trainer.model, trainer.history
+
+
+def _tensorboard(args, out: Path | None):
+    if out is None or "tensorboard" not in (args.report_to or []):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "runs"))
+
+
+def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], args, ppo, peft_config,
+              num_generations: int, out: Path):
+    """GRPO or RLOO through TRL, on the same prompts, reward and sampling settings as our PPO.
+
+    Budgets match in episodes: per_device_train_batch_size completions per step (prompts x num_generations)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
+    shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
+              "logging_steps", "use_cpu", "bf16", "lr_scheduler_type", "weight_decay", "max_grad_norm", "report_to")
+    config = config_cls(output_dir=str(out / "trl"), save_strategy="no", gradient_checkpointing=False,
+                        num_generations=num_generations, max_completion_length=ppo.response_length,
+                        temperature=ppo.temperature, top_k=0, top_p=1.0, beta=ppo.kl_coef, epsilon=ppo.cliprange,
+                        num_iterations=ppo.ppo_epochs, **{k: getattr(args, k) for k in shared})
+
+    def sentiment_reward(prompts, completions, **_):  # TRL logs a reward function under its __name__
+        return reward_fn(prompts, completions)
+
+    trainer = trainer_cls(model=model, reward_funcs=sentiment_reward, args=config, processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), peft_config=peft_config)
+    trainer.train()
+    history = [{"step": h["step"], **{ours: h[theirs] for theirs, ours in TRL_NAMES.items() if theirs in h}}
+               for h in trainer.state.log_history if "reward" in h]
+    return trainer.model, history
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c for c in CURVES if any(c in h for h in history)]
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.6))
+    for ax, name in zip(axes if len(names) > 1 else [axes], names):
+        points = [(h["step"], h[name]) for h in history if name in h]
+        ax.plot(*zip(*points), marker=".")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def save_history(out: Path, history: list[dict]) -> None:
+    (out / "rl_history.json").write_text(json.dumps(history, indent=2))
+
+
+def timed(fn, *a, **kw):
+    start = time.perf_counter()
+    result = fn(*a, **kw)
+    return result, time.perf_counter() - start
