@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install assets test test-slow demo sft_instruction sft_classification continued_pretraining \
-	continued_pretraining_mlm multitask seq2seq bench peft-compare clean-venv
+	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare bench peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -65,6 +65,34 @@ multitask: assets
 seq2seq: assets
 	$(LAUNCH) recipes/seq2seq.py --config recipes/configs/seq2seq.yaml \
 		--output_dir runs/seq2seq-$(RUN_ID) $(ARGS)
+
+reward_model: assets
+	$(LAUNCH) recipes/reward_model.py --config recipes/configs/reward_model.yaml \
+		--output_dir runs/reward_model-$(RUN_ID) $(ARGS)
+
+# RL needs a reward model: REWARD_MODEL=runs/<a reward_model run> (make rlhf trains one first).
+REWARD_MODEL ?= runs/reward_model
+ppo_rlhf: assets
+	$(LAUNCH) recipes/ppo_rlhf.py --config recipes/configs/ppo_rlhf.yaml --reward_model $(REWARD_MODEL) \
+		--output_dir runs/ppo_rlhf-$(RUN_ID) $(ARGS)
+
+dpo: assets
+	$(LAUNCH) recipes/dpo.py --config recipes/configs/dpo.yaml --reward_model $(REWARD_MODEL) \
+		--output_dir runs/dpo-$(RUN_ID) $(ARGS)
+
+# The whole pipeline: reward model from human ratings -> gate -> PPO -> base vs tuned report.
+rlhf: assets
+	$(LAUNCH) recipes/reward_model.py --config recipes/configs/reward_model.yaml --output_dir runs/rlhf-$(RUN_ID)/reward_model
+	$(LAUNCH) recipes/ppo_rlhf.py --config recipes/configs/ppo_rlhf.yaml --reward_model runs/rlhf-$(RUN_ID)/reward_model \
+		--output_dir runs/rlhf-$(RUN_ID)/ppo $(ARGS)
+
+# PPO vs GRPO vs RLOO vs DPO on one reward model (REWARD_MODEL=...), same prompts and evaluation.
+rlhf-compare: assets
+	for a in ppo grpo rloo; do $(LAUNCH) recipes/ppo_rlhf.py --config recipes/configs/ppo_rlhf.yaml \
+		--reward_model $(REWARD_MODEL) --algorithm $$a --output_dir runs/rlhf-compare-$(RUN_ID)/$$a $(ARGS) || exit 1; done
+	$(LAUNCH) recipes/dpo.py --config recipes/configs/dpo.yaml --reward_model $(REWARD_MODEL) \
+		--output_dir runs/rlhf-compare-$(RUN_ID)/dpo $(ARGS)
+	$(PY) -m hf_tuner.cli compare runs/rlhf-compare-$(RUN_ID)/* --output runs/rlhf-compare-$(RUN_ID)/comparison.md
 
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets

@@ -14,7 +14,6 @@ error, KL to the reference (the adapter-disabled base), distinct-n and length.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,45 +52,18 @@ def _config(source):
     return parse_config(TrainingArguments, source, run_cls=RLArguments)
 
 
-def _prompts(cfg) -> tuple[list[str], list[str], list[dict]]:
-    """(train prompts, held-out prompts, held-out pairs for the gate): openings of vader snippets, or the
-    `prompt` column of a local file (1 in 5 prompts held out)."""
-    from hf_tuner.data import split_by_group
-    from hf_tuner.data.files import DataError, _read_rows
-    from hf_tuner.data.preferences import opening, rating_pairs, vader_snippet_split
-
-    run, name = cfg.run, cfg.script.dataset_name or "vader-sentiment"
-    if Path(name).suffix in (".jsonl", ".json", ".csv"):
-        rows = [{"prompt": r.get("prompt"), "group": r.get("prompt")} for _, r in _read_rows(Path(name))]
-        bad = [i for i, r in enumerate(rows, 1) if not isinstance(r["prompt"], str) or not r["prompt"].strip()]
-        if bad:
-            raise DataError(f"{name}: row(s) {bad[:5]} have no text `prompt`")
-        train, held = split_by_group(rows, max(1, min(run.eval_samples, len(rows) // 5)), run.split_seed)
-        return [r["prompt"] for r in train], [r["prompt"] for r in held][:run.eval_samples], []
-    train, held = vader_snippet_split(name, run.vader_sources, run.eval_snippets, run.split_seed)
-    long_enough = [r for r in held if len(r["text"].split()) > run.prompt_words + 2]
-    held_prompts = sorted({opening(r["text"], run.prompt_words) for r in long_enough})
-    train_prompts = sorted({opening(r["text"], run.prompt_words) for r in train
-                            if len(r["text"].split()) > run.prompt_words + 2} - set(held_prompts))
-    import random
-
-    random.Random(run.split_seed).shuffle(held_prompts)
-    pairs = rating_pairs(held, 300, 1.0, run.split_seed + 1)
-    return train_prompts[:run.train_prompts] if run.train_prompts else train_prompts, held_prompts[:run.eval_samples], pairs
-
-
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     import copy
 
     from hf_tuner.adapters import peft_setup
-    from hf_tuner.devices import peak_rss_mb, set_cpu_threads
+    from hf_tuner.data.preferences import rl_prompts
+    from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
-    from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
-    from hf_tuner.rl.online import plot_curves, save_history, timed, train_ppo, train_trl
+    from hf_tuner.rl.online import finish_rl_run, reward_model_note, timed, train_ppo, train_trl
     from hf_tuner.rl.rewards import check_reward_gate, load_reward_function
 
     # 1. config, prompts and the reward gate, before the policy loads
@@ -105,7 +77,9 @@ def train(config=None) -> RunResult:
         raise ConfigError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
                           f"num_generations={run.num_generations} for {run.algorithm}")
     model_path = check_model_source(mcfg.model_name_or_path)
-    train_prompts, held_prompts, gate_pairs = _prompts(cfg)
+    train_prompts, held_prompts, gate_pairs = rl_prompts(
+        cfg.script.dataset_name or "vader-sentiment", run.vader_sources, run.eval_snippets, run.split_seed,
+        run.prompt_words, run.eval_samples, run.train_prompts)
     reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options, total_steps=args.max_steps)
     out = prepare_output_dir(args, run)
@@ -133,33 +107,15 @@ def train(config=None) -> RunResult:
         (model, history), runtime = timed(train_trl, run.algorithm, model, tokenizer, reward_fn, train_prompts,
                                           args, run, peft.config, run.num_generations, out)
 
-    # 4. the tuned policy on the same prompts, seed and sampling
+    # 4. the tuned policy on the same prompts, seed and sampling; report
     task.reference_model = ref_model
-    results["tuned"] = evaluate_model(model, tokenizer, task, settings)
-    base, tuned = results["base"]["metrics"], results["tuned"]["metrics"]
-    gain = tuned["mean_reward"] - base["mean_reward"]
-    se = math.sqrt(base["reward_se"] ** 2 + tuned["reward_se"] ** 2)
-    model.save_pretrained(out / "policy")
-    tokenizer.save_pretrained(out / "policy")
-    save_history(out, history)
-    plot_curves(history, out / "rl_curves.png", f"{run.algorithm}: per-step statistics")
-    metrics = {"base_label": "base (starting policy)", "base": base, "baselines": {}, "tuned": tuned,
-               "train": {"algorithm": run.algorithm, "runtime_s": runtime, "steps": args.max_steps,
-                         "episodes": args.max_steps * args.per_device_train_batch_size,
-                         "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se,
-                         "reward_model_accuracy": reward_accuracy, "final_kl_coef": history[-1].get("kl_coef"),
-                         "peft_method": run.peft_method, "peak_rss_mb": peak_rss_mb(),
-                         "train_prompts": len(train_prompts), "eval_prompts": len(held_prompts)},
-               "eval_seconds": {k: v["seconds"] for k, v in results.items()}}
-    notes = ["## RL curves", "", "![rl curves](rl_curves.png)", "",
-             f"Reward gain {gain:+.3f} (standard error of the difference {se:.3f}; "
-             f"{'more' if gain > 2 * se else 'not more'} than twice it). KL is to the reference policy, in nats "
-             "per response, estimated on the policy's own samples.", ""]
-    examples = [{"prompt": p, "base": results["base"]["predictions"][i], "base reward": f"{results['base']['rewards'][i]:.2f}",
-                 "tuned": results["tuned"]["predictions"][i], "tuned reward": f"{results['tuned']['rewards'][i]:.2f}"}
-                for i, p in enumerate(held_prompts[:run.report_examples])]
-    table = write_run_record(out, f"RLHF ({run.algorithm})", metrics, examples, [], notes)
-    print(f"\nHeld-out prompts ({len(held_prompts)}), run folder {out}:\n{table}\n")
+    train_info = {"algorithm": run.algorithm, "runtime_s": runtime, "steps": args.max_steps,
+                  "episodes": args.max_steps * args.per_device_train_batch_size, "reward_model": run.reward_model,
+                  "reward_model_accuracy": reward_accuracy, "peft_method": run.peft_method,
+                  "final_kl_coef": history[-1].get("kl_coef") if history else None, "train_prompts": len(train_prompts)}
+    metrics, table = finish_rl_run(out, f"RLHF ({run.algorithm})", model, tokenizer, task, settings, results["base"],
+                                   train_info, history, report_examples=run.report_examples,
+                                   notes=reward_model_note(run.reward_model))
     return RunResult(out, metrics, table, model, tokenizer)
 
 

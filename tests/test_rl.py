@@ -160,3 +160,22 @@ def test_gate_refuses_a_bad_reward_model(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match=r"held-out pairwise accuracy 0.550 .* below min_reward_accuracy=0.7"):
         train(_rl_config(tmp_path, tiny_llama, reward_model=str(rm)))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_dpo_recipe_smoke_run(tmp_path, tiny_llama):
+    from recipes.dpo import train
+
+    pairs = [{"prompt": p, "chosen": " great fun", "rejected": " dull and slow"} for p in PROMPTS * 3]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    cfg = {"model_name_or_path": tiny_llama, "dataset_name": str(tmp_path / "pairs.jsonl"),
+           "output_dir": str(tmp_path / "dpo"), "reward_model": "test_rl:length_reward", "eval_samples": 4,
+           "peft_method": "lora", "lora_target_modules": ["all-linear"], "response_length": 6, "max_length": 32,
+           "per_device_train_batch_size": 4, "max_steps": 6, "learning_rate": 1e-2, "logging_steps": 1,
+           "gradient_checkpointing": False, "save_strategy": "no", "report_to": [], "bf16": False, "seed": 0,
+           "num_threads": 2, "eval_batch_size": 4}
+    result = train(cfg)
+    losses = [h["loss"] for h in json.loads((result.output_dir / "rl_history.json").read_text())]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert result.metrics["train"]["algorithm"] == "dpo"
+    assert {"mean_reward", "kl"} <= set(result.metrics["tuned"]) and result.metrics["tuned"]["kl"] != 0.0
+    assert (result.output_dir / "policy" / "adapter_config.json").exists()

@@ -113,3 +113,53 @@ def load_preferences(dataset_name: str, sources: list[str] | None = None, train_
     train_snippets, held_snippets = vader_snippet_split(dataset_name, sources, eval_snippets, seed)
     return (rating_pairs(train_snippets, train_pairs, min_gap, seed),
             rating_pairs(held_snippets, eval_pairs, min_gap, seed + 1))
+
+
+def rl_prompts(dataset_name: str, sources: list[str] | None, eval_snippets: int, seed: int, prompt_words: int,
+               eval_prompts: int, train_cap: int | None = None) -> tuple[list[str], list[str], list[dict]]:
+    """(train prompts, held-out prompts, held-out pairs) for RL and DPO.
+
+    vader: the openings (`prompt_words` words) of snippets; held-out prompts open the snippets a reward model
+    trained with the same `eval_snippets` and `seed` never saw, and the held-out pairs (for the reward
+    gate) come from those snippets too. A local file: its `prompt` column, whole prompts held out."""
+    from hf_tuner import assets
+    from hf_tuner.data import split_by_group
+
+    path = Path(dataset_name).expanduser()
+    if dataset_name not in assets.ASSETS and path.suffix in SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"prompt file not found: {path}")
+        rows = []
+        for i, raw in _read_rows(path):
+            prompt = raw.get("prompt") if isinstance(raw, dict) else None
+            rows.append({"prompt": _text(prompt, f"{path} row {i}", "prompt"), "group": prompt})
+        train, held = split_by_group(rows, max(1, min(eval_prompts, len(rows) // 5)), seed)
+        train_prompts, held_prompts, pairs = [r["prompt"] for r in train], [r["prompt"] for r in held], []
+    else:
+        train, held = vader_snippet_split(dataset_name, sources, eval_snippets, seed)
+        held_prompts = sorted({opening(r["text"], prompt_words) for r in held
+                               if len(r["text"].split()) > prompt_words + 2})
+        train_prompts = sorted({opening(r["text"], prompt_words) for r in train
+                                if len(r["text"].split()) > prompt_words + 2} - set(held_prompts))
+        random.Random(seed).shuffle(held_prompts)
+        pairs = rating_pairs(held, 300, 1.0, seed + 1)
+    return train_prompts[:train_cap] if train_cap else train_prompts, held_prompts[:eval_prompts], pairs
+
+
+def as_continuations(pairs: list[dict], prompt_words: int, seed: int) -> list[dict]:
+    """Pairs of whole snippets written as prompt + chosen/rejected continuations (for DPO).
+
+    The prompt is the opening of one of the two snippets, picked at random (seeded) so that fitting the
+    prompt says nothing about which side was preferred; each continuation is its snippet after that many words."""
+    rng = random.Random(seed)
+    out = []
+    for p in pairs:
+        rest = {side: " ".join(p[side].split()[prompt_words:]) for side in ("chosen", "rejected")}
+        if not rest["chosen"] or not rest["rejected"]:
+            continue
+        source = p[rng.choice(("chosen", "rejected"))]
+        out.append({"prompt": opening(source, prompt_words), "chosen": " " + rest["chosen"],
+                    "rejected": " " + rest["rejected"]})
+    if not out:
+        raise DataError(f"no preference pair is longer than prompt_words={prompt_words} words on both sides")
+    return out

@@ -101,6 +101,52 @@ def save_history(out: Path, history: list[dict]) -> None:
     (out / "rl_history.json").write_text(json.dumps(history, indent=2))
 
 
+def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base: dict, train_info: dict,
+                  history: list[dict], log_history: list[dict] | None = None, report_examples: int = 5,
+                  notes: list[str] | None = None):
+    """Evaluate the tuned policy on the base's prompts (same seed and sampling), save it, and write
+    metrics.json and report.md. The gain is judged against the standard error of the difference."""
+    import math
+
+    from hf_tuner.devices import peak_rss_mb
+    from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.report import write_run_record
+
+    tuned = evaluate_model(model, tokenizer, task, settings)
+    b, t = base["metrics"], tuned["metrics"]
+    gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
+    model.save_pretrained(out / "policy")
+    tokenizer.save_pretrained(out / "policy")
+    save_history(out, history)
+    has_curves = plot_curves(history, out / "rl_curves.png", f"{title}: per-step statistics")
+    metrics = {"base_label": "base (starting policy)", "base": b, "baselines": {}, "tuned": t,
+               "train": {**train_info, "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se,
+                         "peak_rss_mb": peak_rss_mb(), "eval_prompts": len(task.rows)},
+               "eval_seconds": {"base": base["seconds"], "tuned": tuned["seconds"]}}
+    lines = [*(notes or []), *(["## RL curves", "", "![rl curves](rl_curves.png)", ""] if has_curves else []),
+             f"Reward gain {gain:+.3f}, standard error of the difference {se:.3f}: "
+             f"{'more' if gain > 2 * se else 'not more'} than twice it. KL is to the reference policy in nats per "
+             "response, estimated on the policy's own samples.", ""]
+    examples = [{"prompt": row["prompt"], "base": base["predictions"][i], "base reward": f"{base['rewards'][i]:.2f}",
+                 "tuned": tuned["predictions"][i], "tuned reward": f"{tuned['rewards'][i]:.2f}"}
+                for i, row in enumerate(task.rows[:report_examples])]
+    table = write_run_record(out, title, metrics, examples, log_history or [], lines)
+    print(f"\nHeld-out prompts ({len(task.rows)}), run folder {out}:\n{table}\n")
+    return metrics, table
+
+
+def reward_model_note(reward_model: str) -> list[str]:
+    """A report section on the reward model, when it is a reward_model run folder."""
+    metrics_file = Path(reward_model).expanduser() / "metrics.json"
+    if not metrics_file.is_file():
+        return [f"Reward: `{reward_model}`.", ""]
+    m = json.loads(metrics_file.read_text())
+    t, b = m["tuned"], m["base"]
+    return ["## Reward model", "", f"`{reward_model}`: held-out pairwise accuracy {b['pairwise_accuracy']:.3f} "
+            f"(untrained head) -> {t['pairwise_accuracy']:.3f}, mean margin {t['mean_margin']:.3f}, "
+            f"{m['train'].get('eval_pairs', '?')} held-out pairs.", ""]
+
+
 def timed(fn, *a, **kw):
     start = time.perf_counter()
     result = fn(*a, **kw)
