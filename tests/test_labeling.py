@@ -410,6 +410,35 @@ def test_generate_writes_candidates_the_page_loads(tmp_path, tiny_llama, capsys)
     assert "--compare_base needs --adapter" in capsys.readouterr().err
 
 
+def test_generate_compare_base_answers_with_the_adapter_off_and_on(tmp_path, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_tuner.cli import main
+    from hf_tuner.generation import DecodingSettings, generate_batched
+    from hf_tuner.labeling.candidates import _templated
+    from hf_tuner.models import load_model
+
+    import torch
+
+    torch.manual_seed(0)
+    adapter = tmp_path / "run" / "adapter"
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # not a no-op
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).save_pretrained(adapter)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Define the word 'apple'."},
+                                                       {"prompt": "Define the word 'stone'."}])
+    out = tmp_path / "ab.jsonl"
+    assert main(["generate", "--model", tiny_llama, "--adapter", str(adapter), "--compare_base", "--decoding",
+                 "top_p", "--seed", "3", "--max_new_tokens", "8", "--prompts", str(prompts), "--output", str(out)]) == 0
+    rows = lines(out)
+    model, tokenizer = load_model(tiny_llama)
+    texts = _templated(tokenizer, model, [r["prompt"] for r in rows], None)
+    plain = generate_batched(model, tokenizer, texts, DecodingSettings("top_p", 8, seed=3))
+    assert [r["base"] for r in rows] == plain and all(plain)  # the base column: the model without the adapter
+    assert [r["base"] for r in rows] != [r["tuned"] for r in rows]  # same seed, the adapter changes the answers
+    assert [i.prompt for i in read_ab_pairs(out)] == ["Define the word 'apple'.", "Define the word 'stone'."]
+
+
 # ---- the real thing: a browser, the keyboard, a reload
 
 def _browser_or_skip():
