@@ -119,7 +119,7 @@ def _label_items(args: argparse.Namespace):
 
     if args.mode == "rank":
         if bool(args.candidates) == bool(args.model):
-            raise ValueError("label rank: give --candidates FILE [FILE ...], or --model (and --prompts) to generate them")
+            raise ValueError("label rank: give --candidates FILE [FILE ...], or --model and --prompts to generate them")
         paths = args.candidates
         if args.model:
             from hf_tuner.labeling.candidates import generate_candidates, read_prompts, write_jsonl
@@ -238,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p_label.add_argument("--base_column", help="ab: which answers of --base (default: tuned, or the first eval key)")
     p_label.add_argument("--tuned_column", help="ab: which answers of --tuned (default as --base_column)")
     for p in (p_gen, p_label):
-        p.add_argument("--decoding", default="top_p", help="comma list of presets: greedy, beam, sampling, top_k, top_p")
+        p.add_argument("--decoding", default="top_p", help="comma list: greedy, beam, sampling, top_k, top_p")
         p.add_argument("--samples", type=int, default=2, help="candidates per sampled preset (seeds seed, seed+1, ...)")
         p.add_argument("--max_new_tokens", type=int, default=64)
         p.add_argument("--batch_size", type=int, default=8)
         p.add_argument("--seed", type=int, default=0, help="decoding seed; in label also the layout seed")
         p.add_argument("--system_prompt", help="a system message put before each prompt (chat models)")
-    p_report = sub.add_parser("report", help="add human blind A/B results (win rate, CI, ties, kappa) to a run's report")
+    p_report = sub.add_parser("report", help="add blind A/B results (win rate, CI, ties, kappa) to a run's report")
     p_report.add_argument("run_dir")
     p_report.add_argument("--judgments", nargs="+", required=True, help="judgment files from `hf-tuner label ab`")
     args, rest = parser.parse_known_args(argv)

@@ -13,12 +13,12 @@ import pytest
 from conftest import write_jsonl
 from hf_tuner.data import DataError
 from hf_tuner.data.preferences import read_preference_file
-from hf_tuner.evaluation.human import add_to_report, cohen_kappa, read_judgments, summarize, wilson_interval
+from hf_tuner.evaluation.human import cohen_kappa, read_judgments, summarize, wilson_interval
 from hf_tuner.labeling.app import create_app, host_name
 from hf_tuner.labeling.items import read_ab_pairs, read_candidates, read_run, read_two_folders
 from hf_tuner.labeling.session import JudgmentError, LabelSession, parse_order
 
-starlette_testclient = pytest.importorskip("starlette.testclient", reason="starlette's TestClient needs httpx")
+from starlette import testclient as starlette_testclient  # needs httpx: a dev dependency, so a hard import
 
 EVIL = '<script>document.title="pwned"</script><img src=x onerror=alert(1)><b>bold</b>'
 
@@ -30,7 +30,8 @@ def client(session):
 @pytest.fixture
 def candidates(tmp_path):
     return write_jsonl(tmp_path / "cands.jsonl", [
-        {"prompt": "Describe <the> film.", "candidates": [EVIL, "a quiet, lovely film", {"text": "dull", "source": "m2"}]},
+        {"prompt": "Describe <the> film.",
+         "candidates": [EVIL, "a quiet, lovely film", {"text": "dull", "source": "m2"}]},
         {"prompt": "Two only", "candidates": ["first answer", "second answer"]},
         {"prompt": "Four", "candidates": ["w", "x", "y", "z"]},
     ])
@@ -44,9 +45,10 @@ def rank_session(candidates, tmp_path):
 
 @pytest.fixture
 def ab_session(tmp_path):
-    rows = [{"prompt": f"prompt number {i}", "base": f"left-or-right answer {i}a", "tuned": f"left-or-right answer {i}b"}
-            for i in range(5)]
-    return LabelSession("ab", read_ab_pairs(write_jsonl(tmp_path / "ab.jsonl", rows)), tmp_path / "judged.jsonl", "ann1")
+    rows = [{"prompt": f"prompt number {i}", "base": f"left-or-right answer {i}a",
+             "tuned": f"left-or-right answer {i}b"} for i in range(5)]
+    items = read_ab_pairs(write_jsonl(tmp_path / "ab.jsonl", rows))
+    return LabelSession("ab", items, tmp_path / "judged.jsonl", "ann1")
 
 
 def post(c, session, item_id=None, **fields):
@@ -113,6 +115,18 @@ def test_ranking_is_recorded_as_every_pair_with_annotator_and_timestamp(rank_ses
     assert len({x["judgment_id"] for x in rows}) == 1
     assert rank_session.progress() == (1, 3)
     assert "2 of 3" in client(rank_session).get("/").text
+
+
+def test_every_judgment_is_fsynced_before_the_answer(rank_session, ab_session, monkeypatch):
+    import hf_tuner.labeling.store as store
+
+    synced = []
+    monkeypatch.setattr(store.os, "fsync", lambda fd: synced.append(fd))
+    post(client(rank_session), rank_session, order="1>2>3")
+    assert len(synced) == 2  # the file, and its folder entry for a new file
+    post(client(rank_session), rank_session, order="1=2")
+    post(client(ab_session), ab_session, choice="tie")
+    assert len(synced) == 5
 
 
 def test_double_submit_is_idempotent_and_a_changed_mind_is_refused(rank_session):
@@ -244,14 +258,16 @@ def test_parse_order_and_session_arguments():
 def test_candidate_files_merge_by_prompt_and_are_checked(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "candidates": ["one", "two"]},
                                            {"prompt": "lonely", "candidates": ["same", "same", "  "]}])
-    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "candidates": [{"text": "three", "source": "tuned"}, "one"]}])
+    b = write_jsonl(tmp_path / "b.jsonl",
+                    [{"prompt": "p", "candidates": [{"text": "three", "source": "tuned"}, "one"]}])
     items, skipped = read_candidates([a, b])
     assert [i.responses for i in items] == [("one", "two", "three")] and items[0].sources[2] == "tuned"
     assert skipped == 1
     big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "p", "candidates": list("abcde")}])
     with pytest.raises(DataError, match=r"big.jsonl row 1: prompt 'p' has 5 distinct candidates"):
         read_candidates([big])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "candidates": ["a", "b"]}, {"prompt": "q", "answers": []}])
+    bad = write_jsonl(tmp_path / "bad.jsonl",
+                      [{"prompt": "p", "candidates": ["a", "b"]}, {"prompt": "q", "answers": []}])
     with pytest.raises(DataError, match=r"bad.jsonl row 2: `candidates` must be a non-empty list"):
         read_candidates([bad])
 
@@ -496,7 +512,8 @@ def test_browser_three_keyboard_judgments_survive_a_reload(ab_session):
     try:
         with _Server(ab_session) as url:
             browser.get(url)
-            wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+            wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
+                                                                  StaleElementReferenceException))
             progress = lambda: browser.find_element(By.ID, "progress").text.strip()  # noqa: E731
             assert progress() == "1 of 5"
             assert browser.title.startswith("hf-tuner label")
@@ -529,7 +546,9 @@ def test_browser_ranks_three_responses_with_a_tie(rank_session):
             assert browser.find_element(By.ID, "order").get_attribute("value") == "3=1>2"
             body.send_keys(Keys.BACKSPACE, "2")
             body.send_keys(Keys.ENTER)
-            WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(lambda b: b.find_element(By.ID, "progress").text.strip() == "2 of 3")
+            wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
+                                                                  StaleElementReferenceException))
+            wait.until(lambda b: b.find_element(By.ID, "progress").text.strip() == "2 of 3")
             assert browser.title.startswith("hf-tuner label")  # the <script> in a response did not run
             rows = lines(rank_session.output)
             assert len(rows) == 3 and sum(bool(r.get("tie")) for r in rows) == 1
