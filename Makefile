@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # One process, no accelerate config file needed.
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install assets test test-slow demo sft_instruction sft_classification continued_pretraining \
+.PHONY: install assets test test-slow test-browser demo sft_instruction sft_classification continued_pretraining \
 	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare bench peft-compare clean-venv
 
 install: $(STAMP)
@@ -37,6 +37,26 @@ test: install
 
 test-slow: assets
 	$(PY) -m pytest -q -m slow
+
+# The end-to-end browser tests (hf-tuner label in headless Chromium, driven by Selenium) need Debian's
+# chromium and chromium-driver. They are installed here when missing; installing needs root (or
+# passwordless sudo) and the Debian archive. When that fails the tests skip with the reason: a machine
+# that cannot install a browser does not fail the build, a browser that shows a broken page does.
+APT ?= $(shell [ "$$(id -u)" = 0 ] && echo "env DEBIAN_FRONTEND=noninteractive apt-get" || \
+	(command -v sudo >/dev/null && echo "sudo -n env DEBIAN_FRONTEND=noninteractive apt-get"))
+CHROMIUM ?= chromium
+CHROMEDRIVER ?= chromedriver
+test-browser: install
+	@if command -v $(CHROMIUM) >/dev/null && command -v $(CHROMEDRIVER) >/dev/null; then \
+		echo "test-browser: $$(command -v $(CHROMIUM)) and $$(command -v $(CHROMEDRIVER)) are installed"; \
+	elif [ -z "$(APT)" ]; then \
+		echo "test-browser: not root and no sudo: cannot install chromium + chromium-driver; the browser tests will skip"; \
+	else \
+		( timeout 300 $(APT) update -q && \
+		  timeout 900 $(APT) install -y -q --no-install-recommends chromium chromium-driver ) || \
+		echo "test-browser: apt-get could not install chromium + chromium-driver; the browser tests will skip"; \
+	fi
+	$(PY) -m pytest -q -m browser tests/test_labeling.py
 
 demo: assets
 	$(LAUNCH) recipes/sft_instruction.py --config recipes/configs/sft_instruction.yaml \

@@ -1,4 +1,4 @@
-"""`hf-tuner` command line: assets, train, eval, score, compare, merge."""
+"""`hf-tuner` command line: assets, train, eval, score, compare, merge, generate, label, report."""
 
 from __future__ import annotations
 
@@ -97,6 +97,89 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from hf_tuner.labeling.candidates import check_decoding, generate_candidates, read_prompts, write_jsonl
+
+    decoding = [d.strip() for d in args.decoding.split(",") if d.strip()]
+    check_decoding(decoding)
+    if Path(args.output).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; choose another --output or pass --overwrite")
+    rows = generate_candidates(args.model, read_prompts(args.prompts), args.adapter, decoding, args.samples,
+                               args.max_new_tokens, args.batch_size, args.seed, args.system_prompt,
+                               args.compare_base)
+    write_jsonl(rows, args.output, overwrite=args.overwrite)
+    what = "prompt/base/tuned rows (for `hf-tuner label ab --pairs`)" if args.compare_base else \
+        "prompts with candidates (for `hf-tuner label rank --candidates`)"
+    print(f"{len(rows)} {what} written to {args.output}")
+    return 0
+
+
+def _label_items(args: argparse.Namespace):
+    from hf_tuner.labeling import items as src
+
+    if args.mode == "rank":
+        if bool(args.candidates) == bool(args.model):
+            raise ValueError("label rank: give --candidates FILE [FILE ...], or --model and --prompts to generate them")
+        paths = args.candidates
+        if args.model:
+            from hf_tuner.labeling.candidates import generate_candidates, read_prompts, write_jsonl
+
+            if not args.prompts:
+                raise ValueError("label rank --model needs --prompts FILE")
+            cached = Path(args.output).with_suffix(".candidates.jsonl")
+            if cached.exists():
+                print(f"reusing the candidates generated earlier: {cached}")
+            else:
+                decoding = [d.strip() for d in args.decoding.split(",") if d.strip()]
+                rows = generate_candidates(args.model, read_prompts(args.prompts), args.adapter, decoding,
+                                           args.samples, args.max_new_tokens, args.batch_size, args.seed,
+                                           args.system_prompt)
+                write_jsonl(rows, cached)
+                print(f"candidates written to {cached} (kept, so a restart shows the same ones)")
+            paths = [cached]
+        items, skipped = src.read_candidates(paths)
+        if skipped:
+            print(f"note: {skipped} prompt(s) left out: fewer than 2 distinct non-empty candidates")
+        return items
+    given = [bool(args.run), bool(args.pairs), bool(args.base or args.tuned)]
+    if sum(given) != 1 or (given[2] and not (args.base and args.tuned)):
+        raise ValueError("label ab: give one of --run RUN_DIR, --pairs FILE, or --base DIR --tuned DIR")
+    if args.run:
+        return src.read_run(args.run)
+    if args.pairs:
+        return src.read_ab_pairs(args.pairs)
+    return src.read_two_folders(args.base, args.tuned, args.base_column, args.tuned_column)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from hf_tuner.labeling.app import serve
+    from hf_tuner.labeling.session import LabelSession
+
+    session = LabelSession(args.mode, _label_items(args), args.output, args.annotator, args.seed)
+    serve(session, args.host, args.port)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hf_tuner.evaluation.human import add_to_report, section
+
+    summary = add_to_report(args.run_dir, args.judgments)
+    print("\n".join(section(summary, summary["files"])))
+    print(f"added to {Path(args.run_dir) / 'report.md'} (and metrics.json: human_eval)")
+    return 0
+
+
+def _default_annotator() -> str:
+    import getpass
+    import re
+
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment (a container without /etc/passwd entry)
+        return "annotator"
+    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name) else "annotator"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-tuner", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,14 +213,48 @@ def main(argv: list[str] | None = None) -> int:
     p_compare = sub.add_parser("compare", help="one table over several run folders")
     p_compare.add_argument("run_dirs", nargs="+")
     p_compare.add_argument("--output", default="comparison.md")
+    p_gen = sub.add_parser("generate", help="generate candidate responses for a prompt file, into a JSONL to label")
+    p_gen.add_argument("--model", required=True, help="asset name, local folder or Hub id")
+    p_gen.add_argument("--adapter", help="a PEFT adapter folder to put on the model")
+    p_gen.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl/.json/.csv with `prompt`")
+    p_gen.add_argument("--output", required=True)
+    p_gen.add_argument("--overwrite", action="store_true")
+    p_gen.add_argument("--compare_base", action="store_true",
+                       help="with --adapter: write prompt/base/tuned rows for `label ab` instead of candidates")
+    p_label = sub.add_parser("label", help="the local labelling page: rank outputs, or judge base vs tuned blind")
+    p_label.add_argument("mode", choices=["rank", "ab"])
+    p_label.add_argument("--output", required=True, help="the JSONL judgments are appended to (resumes from it)")
+    p_label.add_argument("--annotator", default=_default_annotator(), help="your id, written with every judgment")
+    p_label.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p_label.add_argument("--port", type=int, default=8765)
+    p_label.add_argument("--candidates", nargs="+", help="rank: candidate files (rows with the same prompt merge)")
+    p_label.add_argument("--model", help="rank: generate candidates with this model (with --prompts)")
+    p_label.add_argument("--adapter", help="rank: an adapter for --model")
+    p_label.add_argument("--prompts", help="rank: prompt file for --model")
+    p_label.add_argument("--run", help="ab: a run folder with generations.jsonl")
+    p_label.add_argument("--pairs", help="ab: a JSONL with prompt/base/tuned rows")
+    p_label.add_argument("--base", help="ab: a run or eval folder with the base answers (with --tuned)")
+    p_label.add_argument("--tuned", help="ab: a run or eval folder with the tuned answers (with --base)")
+    p_label.add_argument("--base_column", help="ab: which answers of --base (default: tuned, or the first eval key)")
+    p_label.add_argument("--tuned_column", help="ab: which answers of --tuned (default as --base_column)")
+    for p in (p_gen, p_label):
+        p.add_argument("--decoding", default="top_p", help="comma list: greedy, beam, sampling, top_k, top_p")
+        p.add_argument("--samples", type=int, default=2, help="candidates per sampled preset (seeds seed, seed+1, ...)")
+        p.add_argument("--max_new_tokens", type=int, default=64)
+        p.add_argument("--batch_size", type=int, default=8)
+        p.add_argument("--seed", type=int, default=0, help="decoding seed; in label also the layout seed")
+        p.add_argument("--system_prompt", help="a system message put before each prompt (chat models)")
+    p_report = sub.add_parser("report", help="add blind A/B results (win rate, CI, ties, kappa) to a run's report")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--judgments", nargs="+", required=True, help="judgment files from `hf-tuner label ab`")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
             return _train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare,
-                "merge": _merge}[args.command](args)
+        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare, "merge": _merge,
+                "generate": _generate, "label": _label, "report": _report}[args.command](args)
     except (assets.AssetError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

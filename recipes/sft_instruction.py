@@ -147,11 +147,12 @@ def train(config=None) -> RunResult:
         "tasks": {"trained": [cfg.script.dataset_name], "held_out": list(other)},
         "held_out_tasks": other,
     }
-    examples = [{"prompt": r["prompt"][-1]["content"],
-                 "reference": task.reference(r),
-                 **{k: v["predictions"][i] for k, v in results.items()}}
-                for i, r in enumerate(held_rows[:run.report_examples])]
-    table = write_run_record(out, "sft_instruction", metrics, examples, trainer.state.log_history)
+    generations = [{"prompt": r["prompt"][-1]["content"],
+                    "reference": task.reference(r),
+                    **{k: v["predictions"][i] for k, v in results.items()}}
+                   for i, r in enumerate(held_rows)]
+    table = write_run_record(out, "sft_instruction", metrics, generations[:run.report_examples],
+                             trainer.state.log_history, generations=generations)
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     print(f"\nHeld-out comparison ({len(held_rows)} examples), run folder {out}:\n{table}\n")
     return RunResult(out, metrics, table, trainer.model, tokenizer)

@@ -137,6 +137,9 @@ def test_ppo_recipe_end_to_end(tmp_path, tiny_llama):
     assert result.metrics["train"]["episodes"] == 6 * 8
     for name in ("metrics.json", "report.md", "rl_curves.png", "policy/adapter_config.json"):
         assert (result.output_dir / name).exists(), name
+    from hf_tuner.labeling.items import read_run
+
+    assert len(read_run(result.output_dir)) == result.metrics["train"]["eval_prompts"]  # ready for blind A/B
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])

@@ -65,6 +65,10 @@ def test_run_folder_is_complete(finished_run):
     report = (result.output_dir / "report.md").read_text()
     assert "| tuned |" in report and "base (few_shot_2)" in report and "Example generations" in report
     assert "Held-out task (never trained on)" in report
+    # every held-out prompt with each model's answer, ready for `hf-tuner label ab --run`
+    generations = [json.loads(x) for x in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == metrics["train"]["eval_examples"]
+    assert set(generations[0]) == {"prompt", "reference", "base", "few_shot_2", "tuned"}
 
 
 def test_reloaded_adapter_gives_the_same_logits(finished_run, tiny_llama):

@@ -9,6 +9,7 @@ the texts a row was built from, so a split never puts one text on both sides.
 - files (.jsonl/.json/.csv), one shape per row:
     {"chosen": ..., "rejected": ...}                     (optionally with "prompt")
     {"prompt": ..., "ranking": [best, ..., worst]}       expanded into all ordered pairs
+    {"prompt": ..., "tie": true, "responses": [...]}      a judged tie (`hf-tuner label` writes them): no pair
   Extra fields (annotator, timestamp, ...) are kept out of training but allowed.
 """
 
@@ -29,6 +30,8 @@ def _pair_row(raw, where: str) -> list[dict]:
     prompt = raw.get("prompt") or ""
     if not isinstance(prompt, str):
         raise DataError(f"{where}: `prompt` must be text (conversational preference rows are not supported yet)")
+    if raw.get("tie") is True:  # a person found the responses equally good: a record, not a training pair
+        return []
     if "ranking" in raw:
         ranking = raw["ranking"]
         if not isinstance(ranking, list) or len(ranking) < 2:

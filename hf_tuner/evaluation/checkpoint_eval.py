@@ -73,7 +73,8 @@ def evaluate_checkpoint(model: str, task: str, output_dir: str | Path, adapter: 
               "held_out_tasks": [task], "trained_tasks": [], "results": results}
     (out / "metrics.json").write_text(json.dumps(record, indent=2))
     (out / "predictions.json").write_text(json.dumps(
-        {"references": [GenerationTask.reference(r) for r in held_rows], **predictions}, indent=2))
+        {"prompts": [r["prompt"][-1]["content"] for r in held_rows],
+         "references": [GenerationTask.reference(r) for r in held_rows], **predictions}, indent=2))
     table = format_table(list(results.items()))
     (out / "report.md").write_text(f"# eval: {model}{' + ' + adapter if adapter else ''} on {task}\n\n"
                                    f"{len(held_rows)} held-out examples.\n\n{table}\n")

@@ -108,11 +108,16 @@ def plot_loss(log_history: list[dict], path: Path) -> bool:
 
 
 def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict], log_history: list[dict],
-                     notes: list[str] | None = None) -> str:
+                     notes: list[str] | None = None, generations: list[dict] | None = None) -> str:
     """Write metrics.json, report.md and plots into the run folder; return the comparison table.
 
-    notes: extra Markdown lines (recipe-specific sections) put after the held-out tables."""
+    notes: extra Markdown lines (recipe-specific sections) put after the held-out tables.
+    generations: every held-out prompt with each model's answer ({"prompt", "base", "tuned", ...}), written
+    to generations.jsonl: what `hf-tuner label ab --run` shows people for a blind judgment."""
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if generations:
+        (out / "generations.jsonl").write_text(
+            "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations), encoding="utf-8")
     rows = comparison(metrics)
     table = format_table(rows)
     plot_metrics(rows, out / "metrics.png")

@@ -130,7 +130,10 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     examples = [{"prompt": row["prompt"], "base": base["predictions"][i], "base reward": f"{base['rewards'][i]:.2f}",
                  "tuned": tuned["predictions"][i], "tuned reward": f"{tuned['rewards'][i]:.2f}"}
                 for i, row in enumerate(task.rows[:report_examples])]
-    table = write_run_record(out, title, metrics, examples, log_history or [], lines)
+    generations = [{"prompt": row["prompt"], "base": base["predictions"][i], "tuned": tuned["predictions"][i],
+                    "base_reward": base["rewards"][i], "tuned_reward": tuned["rewards"][i]}
+                   for i, row in enumerate(task.rows)]
+    table = write_run_record(out, title, metrics, examples, log_history or [], lines, generations)
     print(f"\nHeld-out prompts ({len(task.rows)}), run folder {out}:\n{table}\n")
     return metrics, table
 
