@@ -123,10 +123,12 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
     plot_metrics(rows, out / "metrics.png")
     has_loss = plot_loss(log_history, out / "loss.png")
     train = metrics.get("train", {})
-    lines = [f"# {title}", "", "## Held-out results", "", table, "",
-             "ROUGE: F-measure 0-1 (rouge_score, no stemming); BLEU: sacrebleu 0-100; perplexity of the "
-             "reference answers given the prompt; mean_length: words per generation.", "",
-             "![metrics](metrics.png)", ""]
+    lines = [f"# {title}", "", "## Held-out results", "", table, ""]
+    if any(k in r for _, r in rows for k in ("rougeL", "bleu")):
+        lines += ["ROUGE: F-measure 0-1 (rouge_score, no stemming); BLEU: sacrebleu 0-100; perplexity of the "
+                  "reference answers given the prompt; mean_length: words per generation.", ""]
+    if (out / "metrics.png").exists():
+        lines += ["![metrics](metrics.png)", ""]
     for name, parts in metrics.get("held_out_tasks", {}).items():
         lines += [f"### Held-out task (never trained on): {name}", "",
                   format_table([("base (zero-shot)", parts.get("base", {})), ("tuned", parts.get("tuned", {}))]), ""]

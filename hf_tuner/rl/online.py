@@ -52,17 +52,19 @@ def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], a
               num_generations: int, out: Path):
     """GRPO or RLOO through TRL, on the same prompts, reward and sampling settings as our PPO.
 
-    Budgets match in episodes: per_device_train_batch_size completions per step (prompts x num_generations)."""
+    Budgets match PPO's in episodes: max_steps generation rounds of per_device_train_batch_size completions
+    (prompts x num_generations), each reused for ppo_epochs optimizer steps (TRL's num_iterations)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
-    shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "seed",
+    shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
               "logging_steps", "use_cpu", "bf16", "lr_scheduler_type", "weight_decay", "max_grad_norm", "report_to")
     config = config_cls(output_dir=str(out / "trl"), save_strategy="no", gradient_checkpointing=False,
                         num_generations=num_generations, max_completion_length=ppo.response_length,
                         temperature=ppo.temperature, top_k=0, top_p=1.0, beta=ppo.kl_coef, epsilon=ppo.cliprange,
-                        num_iterations=ppo.ppo_epochs, **{k: getattr(args, k) for k in shared})
+                        num_iterations=ppo.ppo_epochs, max_steps=args.max_steps * ppo.ppo_epochs,
+                        **{k: getattr(args, k) for k in shared})
 
     def sentiment_reward(prompts, completions, **_):  # TRL logs a reward function under its __name__
         return reward_fn(prompts, completions)
