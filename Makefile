@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install assets test test-slow test-browser demo sft_instruction sft_classification continued_pretraining \
-	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare bench peft-compare clean-venv
+	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare bench bench-ppo-peer peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -117,6 +117,10 @@ rlhf-compare: assets
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
 bench: assets
 	$(PY) benchmarks/bench_generation.py --output bench_generation.json
+
+# Peer check of our PPO against TRL 1.12.0's PPOTrainer (its own throwaway venv, made on first use; ~15 min).
+bench-ppo-peer: assets
+	$(PY) benchmarks/ppo_vs_trl112.py --output_dir runs/bench/ppo_vs_trl112
 
 # Every PEFT method on the instruction task, same data and tokens (about 40 minutes on 2 CPU cores).
 peft-compare: assets

@@ -173,7 +173,7 @@ def peft_setup(method: str, model_path: str, task: str = "causal-lm", model_conf
     if model_config is not None and METHODS.get(method, (None,))[0] == "LoraConfig":
         for trl_name, name in _TRL_LORA_FIELDS.items():
             value = getattr(model_config, trl_name, None)
-            if value not in (None, [], False):
+            if value is not None and value is not False and value != []:  # 0.0 is a value (`0.0 in (False,)`)
                 merged[name] = value
     if method == "adalora":
         merged["total_step"] = total_steps

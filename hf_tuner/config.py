@@ -113,7 +113,11 @@ class RunConfig:
         return out
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
+        """Written by rank 0 only in a multi-process launch."""
+        from hf_tuner.distributed import is_main_process
+
+        if is_main_process():
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
 
 
 def _plain(value: Any) -> Any:
@@ -241,6 +245,9 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         hints = [f"`{k}`" + (f" (did you mean `{m[0]}`?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                  for k in unknown]
         raise ConfigError(f"{where}: unknown field(s): {', '.join(hints)}")
+    from hf_tuner.distributed import check_launch
+
+    check_launch()
     mapping = apply_device_defaults(mapping, cli)
 
     parser = _Parser(types)
@@ -259,11 +266,16 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
 def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, Any]:
     """TRL configs default to bf16, which fails at config time on a CPU unless use_cpu is set."""
     from hf_tuner.devices import cpu_supports_bf16, cuda_available
+    from hf_tuner.distributed import world_size
 
     given = set(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     out = dict(mapping)
     if not cuda_available():
         if "use_cpu" not in given:
+            out["use_cpu"] = True
+        elif not out.get("use_cpu") and world_size() > 1:
+            log.warning("use_cpu=false ignored: %d processes without CUDA need use_cpu=true, or each trains its "
+                        "own copy with world size 1", world_size())
             out["use_cpu"] = True
         if "bf16" not in given:
             out["bf16"] = cpu_supports_bf16()
@@ -271,13 +283,22 @@ def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, 
 
 
 def prepare_output_dir(training, run: RunArguments) -> Path:
-    """Refuse to write into an existing run folder unless asked to resume or overwrite."""
+    """Refuse to write into an existing run folder unless asked to resume or overwrite.
+
+    In a multi-process launch every rank checks before any rank writes (so all refuse alike), then rank 0
+    alone clears or creates the folder."""
+    from hf_tuner.distributed import is_main_process, wait_for_everyone
+
     out = Path(training.output_dir)
-    if out.exists() and any(out.iterdir()):
-        if run.overwrite_output_dir:
+    wait_for_everyone()
+    occupied = out.exists() and any(out.iterdir())
+    wait_for_everyone()
+    if occupied and not run.overwrite_output_dir and not training.resume_from_checkpoint:
+        raise ConfigError(f"output_dir {out} already exists and is not empty; pass another --output_dir, "
+                          "--resume_from_checkpoint true to resume, or --overwrite_output_dir true to replace it")
+    if is_main_process():
+        if occupied and run.overwrite_output_dir:
             shutil.rmtree(out)
-        elif not training.resume_from_checkpoint:
-            raise ConfigError(f"output_dir {out} already exists and is not empty; pass another --output_dir, "
-                              "--resume_from_checkpoint true to resume, or --overwrite_output_dir true to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    wait_for_everyone()
     return out

@@ -71,6 +71,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.text import chunk_documents, whole_word_mask_collator
     from hf_tuner.devices import set_cpu_threads
+    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import LanguageModelingTask
@@ -92,6 +93,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load (for MLM on an encoder without a trained MLM head, the head's missing weights start fresh)
     model, tokenizer, info = load_model(mcfg.model_name_or_path, model_task, dtype=mcfg.dtype,

@@ -53,6 +53,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.preferences import as_continuations, load_preferences, rl_prompts
     from hf_tuner.devices import set_cpu_threads
+    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings
@@ -83,6 +84,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
     reward_fn = load_reward_function(run.reward_model)
 
     # 2. the policy and the starting policy's score on the held-out prompts

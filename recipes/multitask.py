@@ -120,6 +120,8 @@ def _fit(model, tokenizer, args, specs, rows_by_task, run):
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from hf_tuner.devices import set_cpu_threads
+    from transformers import set_seed
+    from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source
@@ -135,6 +137,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
     settings = DecodingSettings(batch_size=run.eval_batch_size)
 
     # 2. load: the shared pretrained encoder with a fresh head per task
@@ -160,8 +163,9 @@ def train(config=None) -> RunResult:
             single_runtime[spec.name] = seconds
 
     # 6. report
-    trainer.model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model" / "encoder")
+    if is_main_process():
+        trainer.model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model" / "encoder")
     metrics = {
         "base_label": "base (untrained heads)",
         "base": base,

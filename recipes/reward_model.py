@@ -79,6 +79,8 @@ def train(config=None) -> RunResult:
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.preferences import load_preferences
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
+    from transformers import set_seed
+    from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import PreferenceTask
@@ -100,6 +102,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load: a scalar head (num_labels=1) on the encoder, new and random
     model, tokenizer = load_model(mcfg.model_name_or_path, "classification", dtype=mcfg.dtype, num_labels=1,
@@ -122,8 +125,9 @@ def train(config=None) -> RunResult:
     # 4. evaluate, save, report
     results["tuned"] = evaluate_model(trainer.model, tokenizer, task, settings)
     trainer.save_model(str(out / "model"))
-    plot_rewards(results["tuned"]["chosen"], results["tuned"]["rejected"], out / "reward_distribution.png",
-                 f"tuned reward model on {len(held_pairs)} held-out pairs")
+    if is_main_process():
+        plot_rewards(results["tuned"]["chosen"], results["tuned"]["rejected"], out / "reward_distribution.png",
+                     f"tuned reward model on {len(held_pairs)} held-out pairs")
     metrics = {"base_label": "base (untrained head)", "base": results["base"]["metrics"], "baselines": {},
                "tuned": results["tuned"]["metrics"],
                "train": train_summary(trainer, train_output, runtime, train_pairs=len(train_pairs),

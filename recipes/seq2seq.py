@@ -93,6 +93,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.adapters import peft_setup
 
     from hf_tuner.devices import set_cpu_threads
+    from transformers import set_seed
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
@@ -118,6 +119,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load (or warm-start) the encoder-decoder
     model, tokenizer, how = load_seq2seq_model(mcfg.model_name_or_path, dtype=mcfg.dtype, revision=mcfg.model_revision,

@@ -78,6 +78,7 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.devices import set_cpu_threads
+    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
@@ -100,6 +101,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load: the classification head is new (random) on top of the pretrained encoder
     labels = POLARITY_LABELS

@@ -68,6 +68,8 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup, trainable_parameters
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
+    from transformers import set_seed
+    from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
@@ -89,6 +91,7 @@ def train(config=None) -> RunResult:
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
+    set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load
     model, tokenizer = load_model(mcfg.model_name_or_path, "causal-lm", dtype=mcfg.dtype,
@@ -119,6 +122,7 @@ def train(config=None) -> RunResult:
     trainer = trainer_cls(model=model, args=args, train_dataset=_train_dataset(train_rows, run.system_prompt),
                           processing_class=tokenizer, peft_config=peft.config, callbacks=peft.callbacks)
     trainable, total = trainable_parameters(trainer.model)
+    trace_ranks(trainer, out)  # only with $HF_TUNER_RANK_TRACE set (multi-process tests)
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     runtime = time.perf_counter() - start
@@ -129,8 +133,9 @@ def train(config=None) -> RunResult:
         other[name]["tuned"] = evaluate_model(trainer.model, tokenizer, t, decoding)["metrics"]
 
     # 6. report
-    trainer.save_model(str(out / "adapter"))
-    tokenizer.save_pretrained(out / "adapter")
+    trainer.save_model(str(out / "adapter"))  # rank 0 only, as every write below
+    if is_main_process():
+        tokenizer.save_pretrained(out / "adapter")
     metrics = {
         "base": results["base"]["metrics"] if "base" in results else {},
         "baselines": {k: v["metrics"] for k, v in results.items() if k not in ("base", "tuned")},
@@ -153,7 +158,8 @@ def train(config=None) -> RunResult:
                    for i, r in enumerate(held_rows)]
     table = write_run_record(out, "sft_instruction", metrics, generations[:run.report_examples],
                              trainer.state.log_history, generations=generations)
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if is_main_process():
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     print(f"\nHeld-out comparison ({len(held_rows)} examples), run folder {out}:\n{table}\n")
     return RunResult(out, metrics, table, trainer.model, tokenizer)
 

@@ -63,7 +63,11 @@ def plot_metrics(rows: list[tuple[str, dict]], path: Path) -> None:
 
 
 def plot_confusion_matrix(counts: list[list[int]], labels: list, path: Path, title: str = "confusion matrix") -> None:
-    """counts[i][j]: true labels[i] predicted as labels[j]."""
+    """counts[i][j]: true labels[i] predicted as labels[j]. Rank 0 only draws it."""
+    from hf_tuner.distributed import is_main_process
+
+    if not is_main_process():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +117,12 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
 
     notes: extra Markdown lines (recipe-specific sections) put after the held-out tables.
     generations: every held-out prompt with each model's answer ({"prompt", "base", "tuned", ...}), written
-    to generations.jsonl: what `hf-tuner label ab --run` shows people for a blind judgment."""
+    to generations.jsonl: what `hf-tuner label ab --run` shows people for a blind judgment.
+    In a multi-process launch only rank 0 writes; every rank gets the table."""
+    from hf_tuner.distributed import is_main_process
+
+    if not is_main_process():
+        return format_table(comparison(metrics))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if generations:
         (out / "generations.jsonl").write_text(

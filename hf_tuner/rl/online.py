@@ -117,10 +117,14 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     tuned = evaluate_model(model, tokenizer, task, settings)
     b, t = base["metrics"], tuned["metrics"]
     gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
-    model.save_pretrained(out / "policy")
-    tokenizer.save_pretrained(out / "policy")
-    save_history(out, history)
-    has_curves = plot_curves(history, out / "rl_curves.png", f"{title}: per-step statistics")
+    from hf_tuner.distributed import is_main_process
+
+    has_curves = False
+    if is_main_process():
+        model.save_pretrained(out / "policy")
+        tokenizer.save_pretrained(out / "policy")
+        save_history(out, history)
+        has_curves = plot_curves(history, out / "rl_curves.png", f"{title}: per-step statistics")
     metrics = {"base_label": "base (starting policy)", "base": b, "baselines": {}, "tuned": t,
                "train": {**train_info, "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se,
                          "peak_rss_mb": peak_rss_mb(), "eval_prompts": len(task.rows)},

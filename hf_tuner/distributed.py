@@ -1,0 +1,149 @@
+"""Multi-process launches: what was asked for, what started, and who writes.
+
+Verified on CPU machines (see ../shared/STACK.md):
+- `accelerate launch --cpu --num_processes 2` quietly starts ONE process (no WORLD_SIZE in its environment);
+- a MULTI_CPU config expects mpirun;
+- `--multi_gpu --num_processes 2` (or a MULTI_GPU yaml such as recipes/accelerate/cpu_ddp.yaml) starts two
+  processes over gloo, but TrainingArguments must say use_cpu=True, or each process trains its own copy with
+  world size 1.
+`check_launch` refuses the first trap; `hf_tuner.config.apply_device_defaults` sets use_cpu for the last.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+FIX = ("on a machine without CUDA, start CPU processes with `accelerate launch --multi_gpu --num_processes N` "
+       "or `--config_file recipes/accelerate/cpu_ddp.yaml` (DDP over gloo)")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes run folders, reports and checkpoints; the others only train and evaluate."""
+    return rank() == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier when a process group is up (TrainingArguments starts it); nothing on one process."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _launcher_argv() -> list[str] | None:
+    """The parent process's command line when it is `accelerate launch`, else None."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    argv = [a for a in raw.decode(errors="replace").split("\0") if a]
+    head = argv[:3]
+    if not any("accelerate" in Path(a).name for a in head) or not ("launch" in argv or head[-1].endswith("launch")):
+        return None
+    return argv
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def requested_processes(argv: list[str] | None = None) -> int | None:
+    """How many processes `accelerate launch` was asked for (flag, then its config file), or None."""
+    import yaml
+
+    argv = _launcher_argv() if argv is None else argv
+    if argv is None:
+        return None
+    value = _flag(argv, "--num_processes")
+    if value is None:
+        config = _flag(argv, "--config_file")
+        path = Path(config) if config else Path(os.environ.get(
+            "HF_HOME", Path.home() / ".cache" / "huggingface")) / "accelerate" / "default_config.yaml"
+        try:
+            value = (yaml.safe_load(path.read_text()) or {}).get("num_processes")
+        except (OSError, yaml.YAMLError):
+            return None
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def check_launch(argv: list[str] | None = None) -> None:
+    """Refuse a launch that asked for several processes but runs as one; say how to launch instead."""
+    from hf_tuner.config import ConfigError
+
+    asked = requested_processes(argv)
+    if asked and asked > 1 and world_size() == 1:
+        cmd = " ".join(shlex.quote(a) for a in (argv or _launcher_argv() or []))
+        raise ConfigError(f"accelerate launch asked for {asked} processes but this process sees world size 1, so "
+                          f"every process would train alone (`{cmd}`): {FIX}")
+
+
+# ---- a record of what each rank saw and wrote, for the multi-process tests (off unless asked) ----
+
+TRACE_ENV = "HF_TUNER_RANK_TRACE"
+
+
+def trace_ranks(trainer, output_dir: Path) -> None:
+    """With $HF_TUNER_RANK_TRACE set to a folder, each rank writes rank<N>.json there when it exits:
+    its world size, a fingerprint of every training example it was given (per step), and every file under
+    `output_dir` it opened for writing (a Python audit hook sees each `open`)."""
+    import atexit
+    import hashlib
+    import json
+    import sys
+
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return
+    out, written, batches = str(Path(output_dir).resolve()), [], []
+
+    def audit(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path, mode = os.path.abspath(os.fsdecode(args[0])), args[1] or "r"
+            if path.startswith(out) and any(m in str(mode) for m in "wax+"):
+                written.append(os.path.relpath(path, out))
+
+    sys.addaudithook(audit)
+    collate = trainer.data_collator
+
+    def traced(examples):
+        batch = collate(examples)
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        rows = [row[m.bool()] if mask is not None else row for row, m in zip(ids, mask if mask is not None else ids)]
+        batches.append([hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows])
+        return batch
+
+    trainer.data_collator = traced
+
+    torch_world = _torch_world_size()
+
+    def dump():
+        record = {"rank": rank(), "world_size": world_size(), "torch_world_size": torch_world,
+                  "batches": batches, "written": sorted(set(written))}
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"rank{rank()}.json").write_text(json.dumps(record))
+
+    atexit.register(dump)
+
+
+def _torch_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

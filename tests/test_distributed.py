@@ -1,0 +1,129 @@
+"""Multi-process CPU training: two DDP processes over gloo train exactly as one process with the same global batch.
+
+Runs `accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml recipes/sft_instruction.py` on tiny-llama,
+and the same recipe as one process with twice the per-device batch, both with $HF_TUNER_RANK_TRACE set so each
+rank records its world size, the examples it was given and the files it wrote.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import WORDS, write_jsonl
+from hf_tuner.config import ConfigError
+from hf_tuner.distributed import TRACE_ENV, check_launch, requested_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+RECIPE = str(ROOT / "recipes" / "sft_instruction.py")
+STEPS = 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp: Path, name: str, batch: int, data: Path) -> Path:
+    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp / name),
+           "eval_samples": 2, "few_shot": 0, "evaluate_base": False, "eval_batch_size": 2, "eval_max_new_tokens": 2,
+           "per_device_train_batch_size": batch, "max_steps": STEPS, "learning_rate": 5e-3, "lora_r": 8,
+           "lora_dropout": 0.0,  # dropout masks come from each process's own RNG: no exact match with them
+           "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": [],
+           "gradient_checkpointing": False, "bf16": False, "seed": 0, "report_examples": 1}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(cmd: list[str], trace: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update({TRACE_ENV: str(trace), "PYTHONPATH": str(ROOT)})
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((run_dir / "log_history.json").read_text()) if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("ddp")
+    rows = [{"prompt": f"Define the word '{w}' ({i}).", "completion": f"a kind of {w} used in room {i}"}
+            for i, w in enumerate(WORDS * 3)]  # every row distinct, so fingerprints identify rows
+    data = write_jsonl(tmp / "defs.jsonl", rows)
+    ddp = _run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
+                "--main_process_port", str(_free_port()), RECIPE, "--config", str(_config(tmp, "ddp", 2, data))],
+               tmp / "trace-ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "single", 4, data))], tmp / "trace-single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    read = lambda d, r: json.loads((tmp / d / f"rank{r}.json").read_text())  # noqa: E731
+    return tmp, [read("trace-ddp", 0), read("trace-ddp", 1)], read("trace-single", 0)
+
+
+def test_two_processes_form_one_world(runs):
+    _, (r0, r1), single = runs
+    assert (r0["rank"], r1["rank"]) == (0, 1)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["torch_world_size"] == r1["torch_world_size"] == 2  # one process group, not two copies
+    assert single["world_size"] == single["torch_world_size"] == 1
+
+
+def test_ranks_see_disjoint_data_that_makes_up_the_global_batch(runs):
+    _, (r0, r1), single = runs
+    # the dataloaders may collate one batch ahead of the step that uses it: look at the first STEPS
+    assert min(len(r0["batches"]), len(r1["batches"]), len(single["batches"])) >= STEPS
+    seen0 = {h for b in r0["batches"][:STEPS] for h in b}
+    seen1 = {h for b in r1["batches"][:STEPS] for h in b}
+    assert len(seen0) == len(seen1) == 2 * STEPS
+    assert not seen0 & seen1
+    for step in range(STEPS):  # each global batch is the single process's batch at the same step
+        assert set(r0["batches"][step]) | set(r1["batches"][step]) == set(single["batches"][step]), step
+
+
+def test_rank_zero_alone_writes_the_run_folder(runs):
+    tmp, (r0, r1), _ = runs
+    assert r1["written"] == []
+    assert {"metrics.json", "report.md", "log_history.json"} <= set(r0["written"])  # traced from training on
+    assert (tmp / "ddp" / "config.yaml").is_file()
+    metrics = json.loads((tmp / "ddp" / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == STEPS
+
+
+def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
+    tmp, _, _ = runs
+    ddp, single = _losses(tmp / "ddp"), _losses(tmp / "single")
+    assert len(ddp) == len(single) == STEPS
+    for a, b in zip(ddp, single):
+        assert abs(a - b) <= 1e-4 * abs(b), (ddp, single)
+    assert ddp[-1] < ddp[0]  # and it trains
+
+
+def test_cpu_flag_with_several_processes_is_refused(tmp_path, tiny_llama, monkeypatch):
+    argv = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "r.py"]
+    assert requested_processes(argv) == 2
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="--multi_gpu --num_processes N"):
+        check_launch(argv)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(argv)  # the processes did start
+    assert requested_processes(["/venv/bin/python", "train.py"]) is None  # not under accelerate launch
+
+    # end to end: the recipe exits with status 2 and says how to launch, before loading anything
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(8)])
+    proc = _run([ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", RECIPE,
+                 "--config", str(_config(tmp_path, "one", 2, data))], tmp_path / "trace")
+    # the recipe exits 2 with one line; accelerate's launcher then reports that with its own traceback
+    assert proc.returncode != 0 and "returned non-zero exit status 2" in proc.stderr, proc.stderr[-2000:]
+    assert "asked for 2 processes but this process sees world size 1" in proc.stderr
+    assert 'sft_instruction.py", line' not in proc.stderr  # no traceback from the recipe itself
+    assert not (tmp_path / "one").exists()
