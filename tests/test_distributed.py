@@ -65,6 +65,8 @@ def runs(tmp_path_factory, tiny_llama):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "single", 4, data))], tmp / "trace-single")
     assert single.returncode == 0, single.stderr[-3000:]
+    again = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "again", 4, data))], tmp / "trace-again")
+    assert again.returncode == 0, again.stderr[-3000:]
     read = lambda d, r: json.loads((tmp / d / f"rank{r}.json").read_text())  # noqa: E731
     return tmp, [read("trace-ddp", 0), read("trace-ddp", 1)], read("trace-single", 0)
 
@@ -105,6 +107,14 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
     for a, b in zip(ddp, single):
         assert abs(a - b) <= 1e-4 * abs(b), (ddp, single)
     assert ddp[-1] < ddp[0]  # and it trains
+
+
+def test_same_config_and_seed_give_bit_identical_runs(runs):
+    tmp, _, _ = runs
+    assert _losses(tmp / "again") == _losses(tmp / "single")  # exact: two fresh processes, same seed
+    grads = lambda d: [h["grad_norm"] for h in json.loads((tmp / d / "log_history.json").read_text())  # noqa: E731
+                       if "grad_norm" in h]
+    assert grads("again") == grads("single")
 
 
 def test_cpu_flag_with_several_processes_is_refused(tmp_path, tiny_llama, monkeypatch):
