@@ -11,9 +11,12 @@ Verified on CPU machines (see ../shared/STACK.md):
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FIX = ("on a machine without CUDA, start CPU processes with `accelerate launch --multi_gpu --num_processes N` "
        "or `--config_file recipes/accelerate/cpu_ddp.yaml` (DDP over gloo)")
@@ -88,6 +91,14 @@ def check_launch(argv: list[str] | None = None) -> None:
     """Refuse a launch that asked for several processes but runs as one; say how to launch instead."""
     from hf_tuner.config import ConfigError
 
+    from hf_tuner.devices import cuda_available
+
+    sharding = [name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                if os.environ.get(env, "").lower() == "true"]
+    if sharding and not cuda_available():
+        log.warning("%s was asked for, but there is no CUDA: with use_cpu=true accelerate runs the processes as "
+                    "plain DDP over gloo (MULTI_CPU) and ignores the %s settings. Training is correct, not "
+                    "sharded.", sharding[0], sharding[0])
     asked = requested_processes(argv)
     if asked and asked > 1 and world_size() == 1:
         cmd = " ".join(shlex.quote(a) for a in (argv or _launcher_argv() or []))
@@ -133,9 +144,10 @@ def trace_ranks(trainer, output_dir: Path) -> None:
     trainer.data_collator = traced
 
     torch_world = _torch_world_size()
+    kind = str(trainer.accelerator.distributed_type).split(".")[-1]  # NO, MULTI_GPU, FSDP, DEEPSPEED ...
 
     def dump():
-        record = {"rank": rank(), "world_size": world_size(), "torch_world_size": torch_world,
+        record = {"rank": rank(), "world_size": world_size(), "torch_world_size": torch_world, "distributed_type": kind,
                   "batches": batches, "written": sorted(set(written))}
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"rank{rank()}.json").write_text(json.dumps(record))

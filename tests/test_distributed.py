@@ -67,6 +67,12 @@ def runs(tmp_path_factory, tiny_llama):
     assert single.returncode == 0, single.stderr[-3000:]
     again = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "again", 4, data))], tmp / "trace-again")
     assert again.returncode == 0, again.stderr[-3000:]
+    # fsdp.yaml on CPU: accelerate drops the FSDP settings when use_cpu is on, and the recipe says so
+    fsdp = _run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
+                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+                 RECIPE, "--config", str(_config(tmp, "fsdp", 2, data))], tmp / "trace-fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "FSDP was asked for, but there is no CUDA" in fsdp.stderr
     read = lambda d, r: json.loads((tmp / d / f"rank{r}.json").read_text())  # noqa: E731
     return tmp, [read("trace-ddp", 0), read("trace-ddp", 1)], read("trace-single", 0)
 
@@ -76,6 +82,7 @@ def test_two_processes_form_one_world(runs):
     assert (r0["rank"], r1["rank"]) == (0, 1)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["torch_world_size"] == r1["torch_world_size"] == 2  # one process group, not two copies
+    assert r0["distributed_type"] == r1["distributed_type"] == "MULTI_CPU"  # accelerate's name for CPU DDP
     assert single["world_size"] == single["torch_world_size"] == 1
 
 
@@ -107,6 +114,19 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
     for a, b in zip(ddp, single):
         assert abs(a - b) <= 1e-4 * abs(b), (ddp, single)
     assert ddp[-1] < ddp[0]  # and it trains
+
+
+def test_fsdp_config_on_cpu_runs_as_ddp_and_matches_one_process(runs):
+    tmp, _, _ = runs
+    traces = [json.loads((tmp / "trace-fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [t["distributed_type"] for t in traces] == ["MULTI_CPU", "MULTI_CPU"]  # not sharded: no CUDA
+    assert [t["torch_world_size"] for t in traces] == [2, 2]
+    assert traces[1]["written"] == []
+    fsdp, single = _losses(tmp / "fsdp"), _losses(tmp / "single")
+    assert len(fsdp) == STEPS
+    for a, b in zip(fsdp, single):
+        assert abs(a - b) <= 1e-4 * abs(b), (fsdp, single)
+    assert (tmp / "fsdp" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_same_config_and_seed_give_bit_identical_runs(runs):
