@@ -30,7 +30,11 @@ def train_summary(trainer, train_output, runtime_s: float, **extra) -> dict:
 
 
 def save_log_history(out: Path, log_history: list[dict]) -> None:
-    (out / "log_history.json").write_text(json.dumps(log_history, indent=2))
+    """Rank 0 only, in a multi-process launch."""
+    from hf_tuner.distributed import is_main_process
+
+    if is_main_process():
+        (out / "log_history.json").write_text(json.dumps(log_history, indent=2))
 
 
 def recipe_main(train: Callable, argv: list[str] | None = None) -> None:

@@ -10,26 +10,16 @@ appear in training. Base zero-shot, base few-shot and tuned are evaluated on the
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (accelerate launch recipes/x.py): make `recipes` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_tuner.config import ConfigError, RunConfig, parse_config, prepare_output_dir  # noqa: E402
-
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    metrics: dict
-    table: str
-    model: object = None  # the tuned model in memory (PEFT-wrapped for adapter methods)
-    tokenizer: object = None
+from hf_tuner.runs import RunResult, recipe_main, save_log_history  # noqa: E402
 
 
 def _config(source) -> RunConfig:
@@ -158,21 +148,13 @@ def train(config=None) -> RunResult:
                    for i, r in enumerate(held_rows)]
     table = write_run_record(out, "sft_instruction", metrics, generations[:run.report_examples],
                              trainer.state.log_history, generations=generations)
-    if is_main_process():
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    save_log_history(out, trainer.state.log_history)
     print(f"\nHeld-out comparison ({len(held_rows)} examples), run folder {out}:\n{table}\n")
     return RunResult(out, metrics, table, trainer.model, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hf_tuner.assets import AssetError
-    from hf_tuner.data import DataError
-
-    try:
-        train(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, DataError, AssetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    recipe_main(train, argv)
 
 
 if __name__ == "__main__":
