@@ -503,17 +503,14 @@ class _Server:
 
 @pytest.mark.browser
 def test_browser_three_keyboard_judgments_survive_a_reload(ab_session):
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _browser_or_skip()
     try:
         with _Server(ab_session) as url:
             browser.get(url)
-            wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
-                                                                  StaleElementReferenceException))
+            wait = _page_wait(browser)
             progress = lambda: browser.find_element(By.ID, "progress").text.strip()  # noqa: E731
             assert progress() == "1 of 5"
             assert browser.title.startswith("hf-tuner label")
@@ -529,12 +526,20 @@ def test_browser_three_keyboard_judgments_survive_a_reload(ab_session):
         browser.quit()
 
 
+def _page_wait(browser):
+    """Wait for the page after a judgment replaces it. Besides the usual stale-element errors, chromedriver may
+    report a node of the replaced page as "unknown error: ... Node with given id does not belong to the
+    document" (a plain WebDriverException, seen in CI): that too means "not yet", so poll again."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, 15, ignored_exceptions=(WebDriverException,))
+
+
 @pytest.mark.browser
 def test_browser_ranks_three_responses_with_a_tie(rank_session):
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _browser_or_skip()
     try:
@@ -546,8 +551,7 @@ def test_browser_ranks_three_responses_with_a_tie(rank_session):
             assert browser.find_element(By.ID, "order").get_attribute("value") == "3=1>2"
             body.send_keys(Keys.BACKSPACE, "2")
             body.send_keys(Keys.ENTER)
-            wait = WebDriverWait(browser, 15, ignored_exceptions=(NoSuchElementException,
-                                                                  StaleElementReferenceException))
+            wait = _page_wait(browser)
             wait.until(lambda b: b.find_element(By.ID, "progress").text.strip() == "2 of 3")
             assert browser.title.startswith("hf-tuner label")  # the <script> in a response did not run
             rows = lines(rank_session.output)
