@@ -48,12 +48,12 @@ def train(config=None) -> RunResult:
     import copy
 
     from datasets import Dataset
+    from transformers import set_seed
     from trl import DPOTrainer
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.preferences import as_continuations, load_preferences, rl_prompts
     from hf_tuner.devices import set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings

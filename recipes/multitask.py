@@ -119,8 +119,9 @@ def _fit(model, tokenizer, args, specs, rows_by_task, run):
 
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
-    from hf_tuner.devices import set_cpu_threads
     from transformers import set_seed
+
+    from hf_tuner.devices import set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings

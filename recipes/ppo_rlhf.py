@@ -56,10 +56,11 @@ def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     import copy
 
+    from transformers import set_seed
+
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.preferences import rl_prompts
     from hf_tuner.devices import set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings

@@ -74,12 +74,12 @@ def plot_rewards(chosen: list[float], rejected: list[float], path: Path, title: 
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import RewardTrainer
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.data.preferences import load_preferences
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import write_run_record

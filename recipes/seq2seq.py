@@ -89,11 +89,11 @@ def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from peft import get_peft_model
     from transformers import AutoConfig, DataCollatorForSeq2Seq, Seq2SeqTrainer
+    from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
 
     from hf_tuner.devices import set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings

@@ -75,10 +75,10 @@ def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
+    from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.devices import set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask

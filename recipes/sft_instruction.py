@@ -54,11 +54,11 @@ def _train_dataset(rows: list[dict], system_prompt: str | None):
 
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from hf_tuner.adapters import peft_setup, trainable_parameters
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
-    from transformers import set_seed
     from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
