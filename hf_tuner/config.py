@@ -73,10 +73,15 @@ class RunArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (None: the available cores, split between local processes)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an existing run folder first"})
-
+    resume: str = field(default="never", metadata={
+        "help": "auto: resume from the last complete checkpoint in output_dir when there is one; never: only "
+                "when resume_from_checkpoint says so (`latest` or a checkpoint folder)"})
 
     def __post_init__(self):
         from hf_tuner.adapters import METHODS
+
+        if self.resume not in ("auto", "never"):
+            raise ConfigError(f"resume: expected auto or never, got {self.resume!r}")
 
         if self.peft_method not in METHODS:
             hint = difflib.get_close_matches(self.peft_method, METHODS, 1)
@@ -293,9 +298,14 @@ def prepare_output_dir(training, run: RunArguments) -> Path:
     wait_for_everyone()
     occupied = out.exists() and any(out.iterdir())
     wait_for_everyone()
-    if occupied and not run.overwrite_output_dir and not training.resume_from_checkpoint:
+    resuming = bool(training.resume_from_checkpoint) or run.resume == "auto"
+    if occupied and run.overwrite_output_dir and training.resume_from_checkpoint:
+        raise ConfigError("overwrite_output_dir and resume_from_checkpoint both set: overwriting would delete the "
+                          "checkpoints to resume from; choose one")
+    if occupied and not run.overwrite_output_dir and not resuming:
         raise ConfigError(f"output_dir {out} already exists and is not empty; pass another --output_dir, "
-                          "--resume_from_checkpoint true to resume, or --overwrite_output_dir true to replace it")
+                          "--resume_from_checkpoint latest (or resume: auto) to resume, or --overwrite_output_dir "
+                          "true to replace it")
     if is_main_process():
         if occupied and run.overwrite_output_dir:
             shutil.rmtree(out)

@@ -70,6 +70,7 @@ def train(config=None) -> RunResult:
     from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.data.text import chunk_documents, whole_word_mask_collator
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
@@ -123,7 +124,7 @@ def train(config=None) -> RunResult:
     trainer = Trainer(model=model, args=args, train_dataset=blocks, processing_class=tokenizer, data_collator=collator,
                       callbacks=peft.callbacks)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
 
     # 5. evaluate the tuned model on the same blocks (and, for MLM, the same masks)

@@ -52,6 +52,7 @@ def train(config=None) -> RunResult:
     from trl import DPOTrainer
 
     from hf_tuner.adapters import peft_setup
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.data.preferences import as_continuations, load_preferences, rl_prompts
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
@@ -100,7 +101,7 @@ def train(config=None) -> RunResult:
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft.config, callbacks=peft.callbacks)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
     task.reference_model = reference
     history = [{"step": h["step"], "loss": h["loss"], "reward_margin": h.get("rewards/margins")}

@@ -105,6 +105,7 @@ def _evaluate(model, tokenizer, specs, held, settings) -> dict:
 def _fit(model, tokenizer, args, specs, rows_by_task, run):
     from transformers import DataCollatorWithPadding
 
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.multitask import MultiTaskTrainer, TaskSampler, task_weights
 
     ds = _dataset(specs, rows_by_task, tokenizer, run.max_length)
@@ -113,7 +114,7 @@ def _fit(model, tokenizer, args, specs, rows_by_task, run):
     trainer = MultiTaskTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                                data_collator=DataCollatorWithPadding(tokenizer), task_sampler=sampler)
     start = time.perf_counter()
-    output = trainer.train()
+    output = train_resumable(trainer, run, Path(args.output_dir))
     return trainer, output, time.perf_counter() - start, dict(zip((s.name for s in specs), weights))
 
 

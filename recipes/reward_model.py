@@ -78,6 +78,7 @@ def train(config=None) -> RunResult:
     from trl import RewardTrainer
 
     from hf_tuner.adapters import peft_setup
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.data.preferences import load_preferences
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
@@ -119,7 +120,7 @@ def train(config=None) -> RunResult:
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                             callbacks=peft.callbacks)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
 
     # 4. evaluate, save, report

@@ -92,6 +92,7 @@ def train(config=None) -> RunResult:
     from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
+    from hf_tuner.checkpoints import train_resumable
 
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import GenerationTask, evaluate_model
@@ -141,7 +142,7 @@ def train(config=None) -> RunResult:
                              compute_metrics=_generation_metrics(tokenizer) if eval_rows else None,
                              callbacks=peft.callbacks if peft else None)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
 
     # 5. evaluate the tuned model: same rows, same decoding

@@ -78,14 +78,15 @@ def train(config=None) -> RunResult:
     from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
-    from hf_tuner.training import planned_steps
     from hf_tuner.prompts import PromptTemplate
+    from hf_tuner.training import planned_steps
 
     # 1. config, checked before anything loads
     cfg = _config(config)
@@ -132,7 +133,7 @@ def train(config=None) -> RunResult:
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=peft.callbacks)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
 
     # 5. evaluate the tuned model

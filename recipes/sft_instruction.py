@@ -58,6 +58,7 @@ def train(config=None) -> RunResult:
     from trl import SFTTrainer
 
     from hf_tuner.adapters import peft_setup, trainable_parameters
+    from hf_tuner.checkpoints import train_resumable
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
@@ -114,7 +115,7 @@ def train(config=None) -> RunResult:
     trainable, total = trainable_parameters(trainer.model)
     trace_ranks(trainer, out)  # only with $HF_TUNER_RANK_TRACE set (multi-process tests)
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+    train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
 
     # 5. evaluate the tuned model

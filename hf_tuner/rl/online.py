@@ -57,6 +57,8 @@ def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], a
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    from hf_tuner.checkpoints import train_resumable
+
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
     shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
               "logging_steps", "use_cpu", "bf16", "lr_scheduler_type", "weight_decay", "max_grad_norm", "report_to")
@@ -71,7 +73,7 @@ def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], a
 
     trainer = trainer_cls(model=model, reward_funcs=sentiment_reward, args=config, processing_class=tokenizer,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), peft_config=peft_config)
-    trainer.train()
+    train_resumable(trainer, ppo, out / "trl")  # ppo: the recipe's run arguments
     history = [{"step": h["step"], **{ours: h[theirs] for theirs, ours in TRL_NAMES.items() if theirs in h}}
                for h in trainer.state.log_history if "reward" in h]
     return trainer.model, history

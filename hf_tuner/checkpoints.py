@@ -1,0 +1,153 @@
+"""Runs that survive faults: resume from the last complete checkpoint, and stop cleanly on SIGINT / SIGTERM.
+
+Trainer writes a checkpoint folder in place (weights, optimizer, scheduler, RNG states, then
+trainer_state.json last), so a run killed during a save leaves a half-written `checkpoint-N`, and
+`get_last_checkpoint` would pick it. We pick the newest checkpoint whose trainer_state.json parses and
+names the folder's own step, with its weights present: that file is written last, so it proves the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from hf_tuner.config import ConfigError
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "adapter_model.bin")
+RESUME_LATEST = ("latest", "true", "last")
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint: `checkpoint` is where to resume from."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        super().__init__(f"{name} received: stopped at step {step}, {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder that a save finished writing (see the module docstring)."""
+    m = _CHECKPOINT.match(folder.name)
+    if not m or not folder.is_dir():
+        return False
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("global_step") == int(m.group(1)) and any((folder / w).is_file() for w in _WEIGHTS)
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """All `checkpoint-N` folders, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint; newer half-written ones are skipped with a message."""
+    for step, folder in reversed(checkpoints(output_dir)):
+        if is_complete(folder):
+            return folder
+        print(f"note: {folder} is incomplete (the run stopped while saving it); skipping it")
+    return None
+
+
+def resolve_resume(training, run, output_dir: Path) -> str | None:
+    """The checkpoint to resume from, or None to start fresh.
+
+    `resume_from_checkpoint`: `latest` (or `true`) picks the last complete checkpoint in output_dir and
+    fails if there is none; a path must be a complete checkpoint. `resume: auto` resumes from the last
+    complete checkpoint when there is one and starts fresh otherwise."""
+    asked = training.resume_from_checkpoint
+    if asked and str(asked).lower() in RESUME_LATEST:
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint: no complete checkpoint in {output_dir} to resume from")
+        return str(found)
+    if asked:
+        path = Path(asked)
+        if not is_complete(path):
+            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint folder "
+                              "(checkpoint-N with trainer_state.json and weights)")
+        return str(path)
+    if run.resume == "auto":
+        found = last_complete_checkpoint(output_dir)
+        return str(found) if found else None
+    return None
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint and stop (a second signal stops at once).
+
+    In a multi-process launch the flag is all-reduced every step, so every rank stops at the same step
+    even when the signal reached only some of them (otherwise the others would wait forever)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: the user means it
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._agreed_signal(args)
+        if signum:
+            self.signum = signum
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _agreed_signal(self, args) -> int:
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum or 0
+        flag = torch.tensor([self.signum or 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def train_resumable(trainer, run, output_dir: Path):
+    """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
+    checkpoint = resolve_resume(trainer.args, run, output_dir)
+    if checkpoint:
+        print(f"resuming from {checkpoint}")
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        trainer.remove_callback(stop)
+    if stop.signum:
+        raise RunInterrupted(stop.signum, trainer.state.global_step, last_complete_checkpoint(output_dir))
+    return result

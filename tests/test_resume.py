@@ -1,0 +1,158 @@
+"""Faults: a run killed with SIGKILL resumes from its last complete checkpoint and ends where an uninterrupted
+run ends; a half-written checkpoint is never picked; SIGTERM saves a checkpoint and exits saying how to resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import WORDS, write_jsonl
+from hf_tuner.checkpoints import is_complete, last_complete_checkpoint, resolve_resume
+from hf_tuner.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "sft_instruction.py")
+STEPS = 24
+
+
+def _config(tmp: Path, data: Path, method: str) -> Path:
+    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp / "run"),
+           "eval_samples": 2, "few_shot": 0, "evaluate_base": False, "eval_batch_size": 2, "eval_max_new_tokens": 2,
+           "per_device_train_batch_size": 4, "max_steps": STEPS, "learning_rate": 5e-3, "lora_r": 8,
+           "peft_method": method, "max_length": 64, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
+           "report_to": [], "gradient_checkpointing": False, "bf16": False, "seed": 0, "report_examples": 1,
+           "num_threads": 1}
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cmd(config: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, RECIPE, "--config", str(config), "--output_dir", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _kill_after_checkpoint(cmd: list[str], out: Path, step: int) -> int:
+    """Start the run, SIGKILL it as soon as checkpoint-<step> is complete; return the exit status."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if is_complete(out / f"checkpoint-{step}"):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+def _final_state(out: Path, weights: str) -> tuple[list[float], dict]:
+    history = json.loads((out / "log_history.json").read_text())
+    return [h["loss"] for h in history if "loss" in h], load_file(out / "adapter" / weights)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume-data")
+    rows = [{"prompt": f"Define the word '{w}' ({i}).", "completion": f"a kind of {w} used in room {i}"}
+            for i, w in enumerate(WORDS * 3)]
+    return write_jsonl(tmp / "defs.jsonl", rows)
+
+
+@pytest.mark.parametrize("method, weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama, data, method, weights):
+    config = _config(tmp_path, data, method)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = subprocess.run(_cmd(config, whole), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert _kill_after_checkpoint(_cmd(config, broken), broken, 8) == -signal.SIGKILL
+    assert not (broken / "adapter").exists(), "the run finished before it was killed"
+    resumed_from = last_complete_checkpoint(broken)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < STEPS
+
+    again = subprocess.run(_cmd(config, broken, "--resume_from_checkpoint", "latest"), env=_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {resumed_from}" in again.stdout
+
+    losses, tensors = _final_state(whole, weights)
+    resumed_losses, resumed_tensors = _final_state(broken, weights)
+    assert len(resumed_losses) == len(losses) == STEPS
+    assert resumed_losses[-1] == pytest.approx(losses[-1], rel=1e-5, abs=1e-5)
+    assert resumed_tensors.keys() == tensors.keys()
+    for name, t in tensors.items():
+        torch.testing.assert_close(resumed_tensors[name], t, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _fake_checkpoint(folder: Path, step: int, weights: bool = True, state: str | None = None) -> Path:
+    folder.mkdir(parents=True)
+    if weights:
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    out = tmp_path / "run"
+    good = _fake_checkpoint(out / "checkpoint-4", 4, state=json.dumps({"global_step": 4}))
+    _fake_checkpoint(out / "checkpoint-8", 8, state='{"global_step": 8, "log_hist')  # killed writing the state
+    _fake_checkpoint(out / "checkpoint-12", 12, weights=False)  # killed writing the weights
+    _fake_checkpoint(out / "checkpoint-16", 16, state=json.dumps({"global_step": 4}))  # copied by hand: wrong step
+    assert last_complete_checkpoint(out) == good
+
+    class Args:
+        resume_from_checkpoint = "latest"
+
+    class Run:
+        resume = "never"
+
+    assert resolve_resume(Args, Run, out) == str(good)
+    Args.resume_from_checkpoint = str(out / "checkpoint-8")
+    with pytest.raises(ConfigError, match="checkpoint-8 is not a complete checkpoint"):
+        resolve_resume(Args, Run, out)
+    Args.resume_from_checkpoint = None
+    assert resolve_resume(Args, Run, out) is None  # resume: never
+    Run.resume = "auto"
+    assert resolve_resume(Args, Run, out) == str(good)
+    assert resolve_resume(Args, Run, tmp_path / "empty") is None  # auto with nothing to resume: start fresh
+    Args.resume_from_checkpoint = "latest"
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        resolve_resume(Args, Run, tmp_path / "empty")
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama, data):
+    config = _config(tmp_path, data, "lora")
+    out = tmp_path / "stopped"
+    cmd = _cmd(config, out)
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not is_complete(out / "checkpoint-4") and proc.poll() is None:
+        time.sleep(0.02)  # training is under way
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    saved = last_complete_checkpoint(out)
+    assert saved is not None, stderr[-3000:]
+    step = int(saved.name.split("-")[1])
+    assert 0 < step < STEPS
+    assert f"SIGTERM received: stopped at step {step}, checkpoint saved to {saved}" in stderr
+    assert "resume with: accelerate launch" in stderr and "--resume_from_checkpoint latest" in stderr
+    assert "Traceback" not in stderr
+
+    again = subprocess.run(cmd + ["--resume_from_checkpoint", "latest"], env=_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h][-1] == STEPS
