@@ -247,5 +247,7 @@ def resolve(name_or_path: str) -> str:
         return str(Path(name_or_path).expanduser())
     if _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
         return name_or_path
+    if name_or_path.startswith((".", "/", "~")) or "/" in name_or_path:  # not org/name: meant as a path
+        raise AssetError(f"model path {name_or_path} does not exist")
     raise AssetError(f"{name_or_path!r} is not a known asset, an existing path or a Hub id (org/name); "
                      f"known assets: {', '.join(ASSETS)}")

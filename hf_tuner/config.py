@@ -73,6 +73,8 @@ class RunArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (None: the available cores, split between local processes)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an existing run folder first"})
+    truncation: bool = field(default=True, metadata={
+        "help": "cut examples longer than max_length; false: refuse them, naming the row, before training"})
     resume: str = field(default="never", metadata={
         "help": "auto: resume from the last complete checkpoint in output_dir when there is one; never: only "
                 "when resume_from_checkpoint says so (`latest` or a checkpoint folder)"})
@@ -259,12 +261,20 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
     try:
         run, script, training, model, remaining = parser.parse_args_into_dataclasses(
             args=_to_argv(mapping, bool_fields) + cli, return_remaining_strings=True)
-    except (ValueError, TypeError) as e:  # raised by the dataclasses' own __post_init__ checks
-        if isinstance(e, ConfigError):
+    except (ValueError, TypeError) as e:  # argparse's type checks, and the dataclasses' own __post_init__ checks
+        import re
+
+        message = str(e)
+        if m := re.match(r"argument --(\w+)(?:/--[\w-]+)?: (.*)", message, re.S):  # name the field, not the flag
+            message = f"{m.group(1)}: {m.group(2)}"
+        if isinstance(e, ConfigError) and not m:
             raise
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(f"{where}: {message}") from e
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
+    from hf_tuner.validation import check_training_values
+
+    check_training_values(training)
     return RunConfig(run, script, training, model)
 
 

@@ -19,13 +19,16 @@ TASK_CLASSES = {
 def check_model_source(name_or_path: str) -> str:
     """Resolve and check a model reference before anything loads; offline Hub ids must be cached."""
     resolved = assets.resolve(name_or_path)
-    if not os.path.exists(resolved) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
+    if not os.path.exists(resolved):
+        from huggingface_hub import constants, try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if offline and not isinstance(try_to_load_from_cache(resolved, "config.json"), str):
             raise assets.AssetError(
-                f"model {name_or_path!r} is neither an asset, a local folder nor in the Hugging Face cache, and "
-                f"HF_HUB_OFFLINE=1 forbids downloading it; known assets: {', '.join(assets.ASSETS)}")
+                f"model {name_or_path!r} is a Hub id, but this machine is offline (HF_HUB_OFFLINE=1) and it is not in "
+                f"the Hugging Face cache. Download it where the Hub is reachable (`hf download {name_or_path} "
+                "--local-dir DIR`), copy DIR here and set model_name_or_path: DIR; or use an asset: "
+                f"{', '.join(a for a, v in assets.ASSETS.items() if v.kind == 'model')}")
     return resolved
 
 

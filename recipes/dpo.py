@@ -62,6 +62,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.rl.online import finish_rl_run, reward_model_note
     from hf_tuner.rl.rewards import load_reward_function
     from hf_tuner.training import planned_steps
+    from hf_tuner.validation import check_batch
 
     # 1. config and data, before anything loads
     cfg = _config(config)
@@ -80,6 +81,7 @@ def train(config=None) -> RunResult:
         pairs = as_continuations(pairs, run.prompt_words, run.split_seed)
         _, held_prompts, _ = rl_prompts(dataset_name, run.vader_sources, run.eval_snippets, run.split_seed,
                                         run.prompt_words, run.eval_samples)
+    check_batch(len(pairs), args, dataset_name)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(pairs)))
     out = prepare_output_dir(args, run)

@@ -128,6 +128,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source
     from hf_tuner.multitask import MultiTaskModel
+    from hf_tuner.validation import check_batch
 
     # 1. config, checked before anything loads
     cfg = _config(config)
@@ -136,6 +137,7 @@ def train(config=None) -> RunResult:
         raise ConfigError("model_name_or_path is required (an encoder such as minilm-l6, a folder or a Hub id)")
     check_model_source(mcfg.model_name_or_path)
     specs, train_rows, held_rows = _data(cfg)
+    check_batch(sum(map(len, train_rows.values())), args, cfg.script.dataset_name or "vader-sentiment")
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)

@@ -88,6 +88,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
     from hf_tuner.training import planned_steps
+    from hf_tuner.validation import check_batch
 
     # 1. config and data, checked before anything loads
     cfg = _config(config)
@@ -98,6 +99,7 @@ def train(config=None) -> RunResult:
     train_pairs, held_pairs = load_preferences(cfg.script.dataset_name or "vader-sentiment", run.vader_sources,
                                                run.train_pairs, run.eval_samples, run.eval_snippets, run.min_gap,
                                                run.split_seed)
+    check_batch(len(train_pairs), args, cfg.script.dataset_name or "vader-sentiment")
     peft = peft_setup(run.peft_method, model_path, "classification", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_pairs)))
     out = prepare_output_dir(args, run)

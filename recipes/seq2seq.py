@@ -100,6 +100,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_seq2seq_model
     from hf_tuner.training import planned_steps
+    from hf_tuner.validation import check_batch
 
     # 1. config, checked before anything loads
     cfg = _config(config)
@@ -109,6 +110,7 @@ def train(config=None) -> RunResult:
                           "such as minilm-l6 to warm-start)")
     model_path = check_model_source(mcfg.model_name_or_path)
     train_rows, held_rows = _data(cfg)
+    check_batch(len(train_rows), args, cfg.script.dataset_name)
     peft = None
     if run.peft_method != "full":
         if not AutoConfig.from_pretrained(model_path).is_encoder_decoder:

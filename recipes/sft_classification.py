@@ -35,6 +35,8 @@ class ClassificationArguments(RunArguments, VaderArguments):
     baseline_model: str | None = field(
         default="smollm2-135m-instruct",
         metadata={"help": "causal LM prompted zero-shot and few-shot with label words (empty: no LM baselines)"})
+    labels: list[str] = field(default_factory=lambda: list(POLARITY_LABELS), metadata={
+        "help": "the label set; a .jsonl/.json/.csv dataset_name has `text` and `label` columns from it"})
 
 
 def _config(source):
@@ -44,21 +46,26 @@ def _config(source):
 
 
 def _data(cfg):
-    from hf_tuner.data import split_by_group
+    from hf_tuner.data import SUFFIXES, split_by_group
+    from hf_tuner.data.files import read_labelled
     from hf_tuner.data.vader import polarity_rows, read_ground_truth
 
-    run = cfg.run
-    rows = polarity_rows(read_ground_truth(cfg.script.dataset_name or "vader-sentiment", run.vader_sources),
-                         run.min_abs_rating)
+    run, name = cfg.run, cfg.script.dataset_name or "vader-sentiment"
+    if Path(name).suffix in SUFFIXES:
+        rows = read_labelled(name, run.labels)
+    else:
+        if run.labels != POLARITY_LABELS:
+            raise ConfigError(f"labels: the vader data has the labels {POLARITY_LABELS}, got {run.labels}")
+        rows = polarity_rows(read_ground_truth(name, run.vader_sources), run.min_abs_rating)
     train_rows, held_rows = split_by_group(rows, run.eval_samples, run.split_seed)
     random.Random(run.split_seed).shuffle(train_rows)
     return train_rows[:run.train_samples] if run.train_samples else train_rows, held_rows[:run.eval_samples]
 
 
-def _train_dataset(rows, tokenizer, max_length: int):
+def _train_dataset(rows, tokenizer, max_length: int, labels: list[str]):
     from datasets import Dataset
 
-    ds = Dataset.from_list([{"text": r["text"], "label": POLARITY_LABELS.index(r["label"])} for r in rows])
+    ds = Dataset.from_list([{"text": r["text"], "label": labels.index(r["label"])} for r in rows])
     return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
                   remove_columns=["text"])
 
@@ -84,9 +91,10 @@ def train(config=None) -> RunResult:
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
     from hf_tuner.generation import DecodingSettings
-    from hf_tuner.models import check_model_source, load_model
+    from hf_tuner.models import check_model_source, load_model, load_tokenizer
     from hf_tuner.prompts import PromptTemplate
     from hf_tuner.training import planned_steps
+    from hf_tuner.validation import check_batch, check_lengths
 
     # 1. config, checked before anything loads
     cfg = _config(config)
@@ -97,6 +105,11 @@ def train(config=None) -> RunResult:
     if run.baseline_model:
         check_model_source(run.baseline_model)
     train_rows, held_rows = _data(cfg)
+    check_batch(len(train_rows), args, cfg.script.dataset_name or "vader-sentiment")
+    if not run.truncation:
+        tokenizer = load_tokenizer(model_path, revision=mcfg.model_revision)
+        check_lengths([(r.get("where", r["text"][:40]), len(tokenizer(r["text"]).input_ids)) for r in train_rows],
+                      run.max_length)
     peft = peft_setup(run.peft_method, model_path, "classification", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_rows)))
     out = prepare_output_dir(args, run)
@@ -105,14 +118,15 @@ def train(config=None) -> RunResult:
     set_seed(args.seed)  # heads and adapters initialise from the seed, not the process's random state
 
     # 2. load: the classification head is new (random) on top of the pretrained encoder
-    labels = POLARITY_LABELS
+    labels = run.labels
     model, tokenizer = load_model(mcfg.model_name_or_path, "classification", dtype=mcfg.dtype,
                                   revision=mcfg.model_revision, num_labels=len(labels),
                                   quantization_config=peft.quantization,
                                   id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 
     # 3. evaluate the base: the untrained head, and label-word prompting of a causal LM (same held-out rows)
-    task = ClassificationTask("held-out", held_rows, labels=labels, template=PromptTemplate(instruction=PROMPT))
+    task = ClassificationTask("held-out", held_rows, labels=labels, template=PromptTemplate(instruction=PROMPT if labels == POLARITY_LABELS else
+                                                      f"Classify this text. Answer with one word: {' or '.join(labels)}."))
     settings = DecodingSettings(max_new_tokens=run.eval_max_new_tokens, batch_size=run.eval_batch_size, seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, task, settings)}
     confusion = {"labels": labels, "base": _confusion(task, results["base"], True)}
@@ -129,7 +143,7 @@ def train(config=None) -> RunResult:
     # 4. train
     if peft.config is not None:
         model = get_peft_model(model, peft.config)  # SEQ_CLS: the new head trains in full beside the adapter
-    trainer = Trainer(model=model, args=args, train_dataset=_train_dataset(train_rows, tokenizer, run.max_length),
+    trainer = Trainer(model=model, args=args, train_dataset=_train_dataset(train_rows, tokenizer, run.max_length, labels),
                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=peft.callbacks)
     start = time.perf_counter()

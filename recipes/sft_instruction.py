@@ -64,8 +64,9 @@ def train(config=None) -> RunResult:
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
-    from hf_tuner.models import check_model_source, load_model
+    from hf_tuner.models import check_model_source, load_model, load_tokenizer
     from hf_tuner.training import planned_steps, plain_loss_trainer
+    from hf_tuner.validation import check_batch, check_lengths
 
     # 1. config, checked before anything loads
     cfg = _config(config)
@@ -74,6 +75,13 @@ def train(config=None) -> RunResult:
         raise ConfigError("model_name_or_path is required (an asset such as smollm2-135m-instruct, a folder or a Hub id)")
     model_path = check_model_source(mcfg.model_name_or_path)
     train_rows, held_rows, held_out_tasks = _check_and_load_data(cfg)
+    check_batch(len(train_rows), args, cfg.script.dataset_name)
+    if not run.truncation:  # tokenizer only: the rows as the trainer will see them, chat template included
+        tokenizer = load_tokenizer(model_path, revision=mcfg.model_revision)
+        system = [{"role": "system", "content": run.system_prompt}] if run.system_prompt else []
+        check_lengths([(r.get("where", cfg.script.dataset_name), len(tokenizer(tokenizer.apply_chat_template(
+            system + r["prompt"] + r["completion"], tokenize=False), add_special_tokens=False).input_ids))
+            for r in train_rows], args.max_length)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_rows)))
     if peft.prompt_learning and args.packing:

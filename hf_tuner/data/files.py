@@ -19,22 +19,33 @@ class DataError(ValueError):
     """A data file that cannot be used: the message names the file and the row."""
 
 
+def read_text(path: Path) -> str:
+    """A file's UTF-8 text; anything else is refused with the line and byte where decoding failed."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from e
+
+
 def _read_rows(path: Path) -> list[tuple[int, object]]:
     """(row number as a user would count it, raw row)."""
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from e
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} row {i}: not valid JSON ({e.msg})") from e
         return rows
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from e
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -42,8 +53,9 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
         return list(enumerate(data, start=1))
-    with open(path, encoding="utf-8", newline="") as f:
-        return [(i, row) for i, row in enumerate(csv.DictReader(f), start=2)]  # line 1 is the header
+    import io
+
+    return [(i, row) for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2)]  # 1: header
 
 
 def _text(value, where: str, column: str) -> str:
@@ -98,7 +110,7 @@ def normalize_row(raw, where: str) -> dict:
         raise DataError(f"{where}: missing columns: need `prompt` and `completion`, or `messages` "
                         f"(columns: {', '.join(map(str, raw)) or 'none'})")
     group = json.dumps(prompt, sort_keys=True)  # identical prompts stay on one side of the split
-    return {"prompt": prompt, "completion": completion, "group": group}
+    return {"prompt": prompt, "completion": completion, "group": group, "where": where}
 
 
 def read_examples(path: str | Path) -> list[dict]:
@@ -108,6 +120,31 @@ def read_examples(path: str | Path) -> list[dict]:
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(SUFFIXES)}")
     rows = [normalize_row(raw, f"{path} row {i}") for i, raw in _read_rows(path)]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def read_labelled(path: str | Path, labels: list[str]) -> list[dict]:
+    """Rows {"text", "label", "group", "where"} of a classification file with `text` and `label` columns;
+    a label outside `labels` is refused with its row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(SUFFIXES)}")
+    rows = []
+    for i, raw in _read_rows(path):
+        where = f"{path} row {i}"
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected an object with columns, got {type(raw).__name__}")
+        for col in ("text", "label"):
+            if col not in raw:
+                raise DataError(f"{where}: missing column `{col}` (columns: {', '.join(map(str, raw)) or 'none'})")
+        text, label = _text(raw["text"], where, "text"), str(raw["label"]).strip()
+        if label not in labels:
+            raise DataError(f"{where}: `label` {raw['label']!r} is not in the label set {labels} (set `labels`)")
+        rows.append({"text": text, "label": label, "group": " ".join(text.lower().split()), "where": where})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from hf_tuner.data.files import DataError
+from hf_tuner.data.files import DataError, read_text
 
 TEXT_SUFFIXES = {".txt", ".md"}
 PYDOC_TOPICS = "pydoc-topics"
@@ -42,7 +42,7 @@ def chatterbot_dialogues(folder: str | Path) -> list[dict]:
 def text_files(path: str | Path) -> list[dict]:
     path = Path(path).expanduser()
     files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-    docs = [{"name": str(p.relative_to(path) if path.is_dir() else p.name), "text": p.read_text(encoding="utf-8")}
+    docs = [{"name": str(p.relative_to(path) if path.is_dir() else p.name), "text": read_text(p)}
             for p in files]
     docs = [d for d in docs if d["text"].strip()]
     if not docs:

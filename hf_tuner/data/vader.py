@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_tuner.data.files import DataError
+from hf_tuner.data.files import DataError, read_text
 
 SOURCES = ("movieReviewSnippets", "tweets", "amazonReviewSnippets", "nytEditorialSnippets")
 POLARITY_LABELS = ["negative", "positive"]
@@ -49,7 +49,7 @@ def read_ground_truth(dataset_name: str = "vader-sentiment", sources: list[str] 
     rows = []
     for source in wanted:
         path = folder / f"{source}_GroundTruth.txt"
-        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        for n, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             parts = line.split("\t", 2)

@@ -1,0 +1,51 @@
+"""Checks every recipe runs before any weights load: training values, batch size against the data, lengths.
+
+Config fields, data rows and model sources are checked where they are read (hf_tuner.config, hf_tuner.data,
+hf_tuner.models); what needs the config and the data together lives here. Errors name the field, file or row.
+"""
+
+from __future__ import annotations
+
+from hf_tuner.config import ConfigError
+from hf_tuner.data import DataError
+
+
+def check_training_values(training) -> None:
+    """Learning rate, batch sizes and step counts must be positive (max_steps -1 means: count epochs)."""
+    for name in ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        value = getattr(training, name, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    max_steps = getattr(training, "max_steps", -1)
+    if max_steps == 0 or max_steps < -1:
+        raise ConfigError(f"max_steps: must be positive (or -1 to train for num_train_epochs), got {max_steps}")
+    if max_steps == -1 and getattr(training, "num_train_epochs", 1) <= 0:
+        raise ConfigError(f"num_train_epochs: must be positive when max_steps is not set, got "
+                          f"{training.num_train_epochs}")
+    for name in ("save_steps", "logging_steps", "eval_steps"):
+        value = getattr(training, name, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+
+
+def check_batch(n_examples: int, training, what: str) -> None:
+    """A dataset smaller than one global batch would train on a partial batch per step, or not at all."""
+    from hf_tuner.distributed import world_size
+
+    batch = training.per_device_train_batch_size * world_size()
+    if n_examples < batch:
+        raise DataError(f"{what}: {n_examples} training example(s) is less than one batch "
+                        f"(per_device_train_batch_size={training.per_device_train_batch_size} x {world_size()} "
+                        "process(es)); add data or lower per_device_train_batch_size")
+
+
+def check_lengths(lengths: list[tuple[str, int]], max_length: int | None, field: str = "max_length") -> None:
+    """With truncation off, every (where, token count) must fit in max_length; the first misfit is named."""
+    if max_length is None:
+        return
+    too_long = [(where, n) for where, n in lengths if n > max_length]
+    if too_long:
+        where, n = too_long[0]
+        raise DataError(f"{where}: {n} tokens, longer than {field}={max_length}, and truncation is off "
+                        f"({len(too_long)} row(s) in all); raise {field}, shorten the row, or set truncation: true")
