@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class RunArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (None: the available cores, split between local processes)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "delete an existing run folder first"})
+    allow_pickle_weights: bool = field(default=False, metadata={
+        "help": "load checkpoints that hold only pickle weights (.bin/.pt), which can run code when loaded"})
     truncation: bool = field(default=True, metadata={
         "help": "cut examples longer than max_length; false: refuse them, naming the row, before training"})
     resume: str = field(default="never", metadata={
@@ -115,7 +118,7 @@ class RunConfig:
         out = {}
         for part in self.parts():
             for f in dataclasses.fields(part):
-                if f.init and not f.name.startswith("_"):
+                if f.init and not f.name.startswith("_") and not is_secret(f.name):
                     out[f.name] = _plain(getattr(part, f.name))
         return out
 
@@ -247,6 +250,8 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         os.environ[str(key)] = str(value)
 
     mapping = _migrate(mapping, where)
+    # TRL's configs carry trust_remote_code; transformers' TrainingArguments does not: it is ours there.
+    own_trust = None if "trust_remote_code" in known else _pop_flag(mapping, cli, "trust_remote_code")
     unknown = [k for k in mapping if k not in known]
     if unknown:
         hints = [f"`{k}`" + (f" (did you mean `{m[0]}`?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
@@ -262,8 +267,6 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         run, script, training, model, remaining = parser.parse_args_into_dataclasses(
             args=_to_argv(mapping, bool_fields) + cli, return_remaining_strings=True)
     except (ValueError, TypeError) as e:  # argparse's type checks, and the dataclasses' own __post_init__ checks
-        import re
-
         message = str(e)
         if m := re.match(r"argument --(\w+)(?:/--[\w-]+)?: (.*)", message, re.S):  # name the field, not the flag
             message = f"{m.group(1)}: {m.group(2)}"
@@ -272,10 +275,48 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         raise ConfigError(f"{where}: {message}") from e
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
+    from hf_tuner.models import configure_loading
     from hf_tuner.validation import check_training_values
 
     check_training_values(training)
+    _move_secrets_to_environment(training)
+    configure_loading(getattr(training, "trust_remote_code", own_trust),
+                      getattr(run, "allow_pickle_weights", False))
     return RunConfig(run, script, training, model)
+
+
+# Config fields that hold credentials: never written to config.yaml, training_args.bin, logs or reports.
+SECRET_FIELDS = {"hub_token": "HF_TOKEN"}
+_SECRET_NAME = re.compile(r"(^|_)(hub_token|hf_token|auth_token|access_token|api_key|secret|password|credentials?)$")
+
+
+def is_secret(name: str) -> bool:
+    return name in SECRET_FIELDS or bool(_SECRET_NAME.search(name))
+
+
+def _move_secrets_to_environment(training) -> None:
+    """A token given in the config goes to the environment variable its library reads (HF_TOKEN for the Hub),
+    and out of the arguments object, which Trainer pickles into every checkpoint as training_args.bin."""
+    for name, variable in SECRET_FIELDS.items():
+        value = getattr(training, name, None)
+        if value:
+            os.environ[variable] = str(value)
+            setattr(training, name, None)
+            log.warning("%s: moved to the environment (%s); it is never written to the run folder", name, variable)
+
+
+def _pop_flag(mapping: dict[str, Any], cli: list[str], name: str) -> bool:
+    """Take a boolean field out of the YAML mapping and the command line (`--name`, `--name true|false`)."""
+    value = mapping.pop(name, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    flag = f"--{name}"
+    if flag in cli:
+        i = cli.index(flag)
+        nxt = cli[i + 1].lower() if i + 1 < len(cli) else ""
+        value = nxt != "false" if nxt in ("true", "false") else True
+        del cli[i:i + (2 if nxt in ("true", "false") else 1)]
+    return value
 
 
 def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, Any]:

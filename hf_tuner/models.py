@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,9 +17,38 @@ TASK_CLASSES = {
 }
 
 
+# How weights load. Recipes set it from the config (parse_config); safe unless a config says otherwise.
+TRUST_REMOTE_CODE = False  # run a checkpoint's own Python code (modeling_*.py)
+ALLOW_PICKLE = False  # load pickle weights (.bin/.pt/.ckpt), which can run arbitrary code while loading
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+
+
+def configure_loading(trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    global TRUST_REMOTE_CODE, ALLOW_PICKLE
+    TRUST_REMOTE_CODE, ALLOW_PICKLE = bool(trust_remote_code), bool(allow_pickle)
+    if TRUST_REMOTE_CODE:
+        print("note: trust_remote_code is on: Python code shipped with the checkpoint will run on this machine")
+
+
+def check_weights_format(path: str) -> None:
+    """A local checkpoint must hold safetensors weights unless pickle is explicitly allowed."""
+    folder = Path(path)
+    if ALLOW_PICKLE or not folder.is_dir():
+        return
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files) or any(p.name.endswith(".gguf") for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        raise assets.AssetError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}); loading pickle can run arbitrary code. "
+            "Convert them to safetensors, or set allow_pickle_weights: true if you trust the source")
+
+
 def check_model_source(name_or_path: str) -> str:
     """Resolve and check a model reference before anything loads; offline Hub ids must be cached."""
     resolved = assets.resolve(name_or_path)
+    check_weights_format(resolved)
     if not os.path.exists(resolved):
         from huggingface_hub import constants, try_to_load_from_cache
 
@@ -35,7 +65,8 @@ def check_model_source(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str, padding_side: str = "right", revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(check_model_source(name_or_path), revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(check_model_source(name_or_path), revision=revision,
+                                              trust_remote_code=TRUST_REMOTE_CODE)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; labels mask it out
     tokenizer.padding_side = padding_side
@@ -63,6 +94,8 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
         dtype = getattr(torch, dtype)
     auto_cls = getattr(transformers, TASK_CLASSES[task])
     with_info = kwargs.pop("output_loading_info", False)
+    kwargs.setdefault("trust_remote_code", TRUST_REMOTE_CODE)
+    kwargs.setdefault("use_safetensors", None if ALLOW_PICKLE else True)
     model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
                                            attn_implementation=attn_implementation,
                                            quantization_config=quantization_config, **kwargs)

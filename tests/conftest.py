@@ -10,11 +10,22 @@ os.environ.setdefault("HF_TUNER_TEST_CACHE", tempfile.mkdtemp(prefix="hf-tuner-t
 os.environ["HF_TUNER_CACHE"] = os.environ["HF_TUNER_TEST_CACHE"]
 
 import json  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+NETBLOCK = Path(__file__).resolve().parent / "netblock"
+sys.path.insert(0, str(NETBLOCK))
+import sitecustomize  # noqa: E402,F401  (blocks non-loopback connections in this process)
+
+assert sitecustomize.__file__.startswith(str(NETBLOCK)), sitecustomize.__file__
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a recipe or launcher started by a test: the repo importable, the network blocked."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(NETBLOCK), str(REPO)]), **extra}
 
 
 @pytest.fixture(scope="session")

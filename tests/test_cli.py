@@ -6,14 +6,15 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 PREDS = ["the cat sat on the mat", "", "une phrase en français", "a dog"]
 REFS = ["the cat is on the mat", "an empty answer", "une phrase française", "a dog"]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "hf_tuner.cli", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "hf_tuner.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env())
 
 
 @pytest.fixture

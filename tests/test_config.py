@@ -5,7 +5,7 @@ import pytest
 import yaml
 from trl import SFTConfig
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from hf_tuner.config import ConfigError, RunConfig, parse_config, prepare_output_dir
 
 
@@ -111,7 +111,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     path = _yaml(tmp_path, {"model_name_or_path": "tiny-llama", "dataset_name": "x.jsonl", "bogus_key": 1,
                             "output_dir": str(tmp_path / "o")})
     proc = subprocess.run([sys.executable, "-m", "recipes.sft_instruction", "--config", path],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, env=subprocess_env())
     assert proc.returncode == 2
     assert "bogus_key" in proc.stderr
     assert "Traceback" not in proc.stderr

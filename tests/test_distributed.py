@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, subprocess_env, write_jsonl
 from hf_tuner.config import ConfigError
 from hf_tuner.distributed import TRACE_ENV, check_launch, requested_processes
 
@@ -45,7 +45,7 @@ def _config(tmp: Path, name: str, batch: int, data: Path) -> Path:
 
 def _run(cmd: list[str], trace: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update({TRACE_ENV: str(trace), "PYTHONPATH": str(ROOT)})
+    env.update({TRACE_ENV: str(trace), "PYTHONPATH": subprocess_env()["PYTHONPATH"]})
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, subprocess_env, write_jsonl
 from hf_tuner.checkpoints import is_complete, last_complete_checkpoint, resolve_resume
 from hf_tuner.config import ConfigError
 
@@ -40,7 +40,7 @@ def _cmd(config: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess_env()
 
 
 def _kill_after_checkpoint(cmd: list[str], out: Path, step: int) -> int:

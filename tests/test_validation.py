@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import hf_tuner.models
-from conftest import NEGATIVE, NOUNS, POSITIVE, WORDS, write_jsonl
+from conftest import NEGATIVE, NOUNS, POSITIVE, WORDS, subprocess_env, write_jsonl
 from hf_tuner.assets import AssetError
 from hf_tuner.config import ConfigError
 from hf_tuner.data import DataError
@@ -124,7 +124,7 @@ def _cli(tmp_path, *extra):
     cmd = [sys.executable, str(ROOT / "recipes" / "sft_instruction.py"), "--config",
            str(ROOT / "recipes" / "configs" / "sft_instruction.yaml"), "--dataset_name", str(data),
            "--model_name_or_path", "tiny-llama", "--output_dir", str(tmp_path / "run"), "--learning_rate", "-1", *extra]
-    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+    return subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 

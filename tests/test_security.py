@@ -1,0 +1,127 @@
+"""Security defaults: no remote code, no pickle weights, torch.load only with weights_only=True, no secret in
+any file a run writes, and no network access from the test suite."""
+
+import ast
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_tuner.models as models
+from conftest import REPO, WORDS, subprocess_env, write_jsonl
+from hf_tuner.assets import AssetError
+from recipes import sft_instruction
+
+
+@pytest.fixture(autouse=True)
+def safe_loading():
+    models.configure_loading()  # each test starts from the defaults and leaves them behind
+    yield
+    models.configure_loading()
+
+
+def _copy(tiny_llama: str, dest: Path) -> Path:
+    shutil.copytree(tiny_llama, dest)
+    return dest
+
+
+def test_remote_code_runs_only_when_the_config_turns_it_on(tmp_path, tiny_llama, capsys):
+    folder = _copy(tiny_llama, tmp_path / "remote")
+    marker = tmp_path / "remote-code-ran"
+    (folder / "modeling_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\nclass EvilModel(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    try:
+        models.load_model(str(folder), "causal-lm")
+    except ValueError as e:  # transformers may refuse outright instead of using its own Llama class
+        assert "trust_remote_code" in str(e)
+    assert not marker.exists(), "a checkpoint's own code ran without trust_remote_code"
+
+    models.configure_loading(trust_remote_code=True)
+    assert "trust_remote_code is on" in capsys.readouterr().out
+    model, _ = models.load_model(str(folder), "causal-lm")
+    assert marker.exists() and type(model).__name__ == "EvilModel"
+
+
+def test_config_leaves_trust_remote_code_off_unless_asked(tmp_path):
+    from trl import SFTConfig
+
+    from hf_tuner.config import parse_config
+
+    parse_config(SFTConfig, {"output_dir": str(tmp_path / "a")})
+    assert models.TRUST_REMOTE_CODE is False and models.ALLOW_PICKLE is False
+    parse_config(SFTConfig, {"output_dir": str(tmp_path / "b"), "trust_remote_code": True})
+    assert models.TRUST_REMOTE_CODE is True
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_llama):
+    folder = _copy(tiny_llama, tmp_path / "pickled")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(AssetError, match=r"holds only pickle weights \(pytorch_model.bin\).*allow_pickle_weights"):
+        models.check_model_source(str(folder))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Define '{w}'.", "completion": w} for w in WORDS])
+    with pytest.raises(AssetError, match="holds only pickle weights"):  # a recipe refuses it at its first step
+        sft_instruction.train({"model_name_or_path": str(folder), "dataset_name": str(data), "eval_samples": 2,
+                               "output_dir": str(tmp_path / "run"), "max_steps": 1, "report_to": []})
+    assert not (tmp_path / "run").exists()
+
+    models.configure_loading(allow_pickle=True)
+    model, _ = models.load_model(str(folder), "causal-lm")
+    assert model.config.model_type == "llama"
+
+
+def test_every_torch_load_in_our_code_uses_weights_only():
+    calls = []
+    for path in [*REPO.glob("hf_tuner/**/*.py"), *REPO.glob("recipes/**/*.py"), *REPO.glob("benchmarks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", safe))
+    assert all(safe for _, safe in calls), [where for where, safe in calls if not safe]
+
+
+def test_no_secret_reaches_the_run_folder_or_the_output(tmp_path, tiny_llama, monkeypatch, capfd):
+    env_secret, config_secret = "hf_envSECRETenv1234567890", "hf_cfgSECRETcfg0987654321"
+    monkeypatch.setenv("HF_TOKEN", env_secret)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Define '{w}'.", "completion": f"a {w}"} for w in WORDS])
+    result = sft_instruction.train({
+        "model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp_path / "run"),
+        "eval_samples": 2, "few_shot": 0, "eval_max_new_tokens": 2, "per_device_train_batch_size": 4, "max_steps": 2,
+        "save_strategy": "steps", "save_steps": 1, "report_to": ["tensorboard"], "bf16": False,
+        "hub_token": config_secret, "logging_steps": 1})
+    written = [p for p in result.output_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in written)  # Trainer pickles the arguments: checked too
+    assert any(p.name == "config.yaml" for p in written)
+    for path in written:
+        content = path.read_bytes()
+        for secret in (env_secret, config_secret):
+            assert secret.encode() not in content, f"{secret} written to {path}"
+    out, err = capfd.readouterr()
+    assert env_secret not in out + err and config_secret not in out + err
+
+
+def test_network_is_blocked_in_tests_and_their_subprocesses():
+    with pytest.raises(OSError, match="network access is blocked"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # TEST-NET-1: never routable anyway
+    with socket.socket() as server:  # loopback stays open (gloo, local servers)
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        socket.create_connection(server.getsockname(), timeout=5).close()
+    code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 443), timeout=1)\nexcept OSError as e:\n" \
+           "    print(e)\n"
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert "network access is blocked" in proc.stdout, proc.stdout + proc.stderr
