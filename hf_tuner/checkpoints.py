@@ -67,6 +67,24 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def set_aside_incomplete(output_dir: Path, keep: Path) -> None:
+    """Rename half-written checkpoints newer than `keep` to `incomplete-checkpoint-N` (rank 0 only): Trainer
+    would otherwise save into them again and count them when rotating. They are kept for inspection."""
+    from hf_tuner.distributed import is_main_process
+
+    if not is_main_process():
+        return
+    keep_step = int(_CHECKPOINT.match(keep.name).group(1))
+    for step, folder in checkpoints(output_dir):
+        if step > keep_step and not is_complete(folder):
+            target = folder.with_name(f"incomplete-{folder.name}")
+            n = 1
+            while target.exists():
+                target, n = folder.with_name(f"incomplete-{folder.name}.{n}"), n + 1
+            folder.rename(target)
+            print(f"note: moved the incomplete {folder.name} aside to {target.name}")
+
+
 def resolve_resume(training, run, output_dir: Path) -> str | None:
     """The checkpoint to resume from, or None to start fresh.
 
@@ -141,6 +159,8 @@ def train_resumable(trainer, run, output_dir: Path):
     """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
     checkpoint = resolve_resume(trainer.args, run, output_dir)
     if checkpoint:
+        if Path(checkpoint).parent.resolve() == output_dir.resolve():
+            set_aside_incomplete(output_dir, Path(checkpoint))
         print(f"resuming from {checkpoint}")
     stop = StopOnSignal()
     trainer.add_callback(stop)

@@ -69,30 +69,83 @@ def data(tmp_path_factory):
     return write_jsonl(tmp / "defs.jsonl", rows)
 
 
-@pytest.mark.parametrize("method, weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llama, data, method, weights):
-    config = _config(tmp_path, data, method)
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    done = subprocess.run(_cmd(config, whole), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
 
-    assert _kill_after_checkpoint(_cmd(config, broken), broken, 8) == -signal.SIGKILL
-    assert not (broken / "adapter").exists(), "the run finished before it was killed"
-    resumed_from = last_complete_checkpoint(broken)
-    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < STEPS
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama, data):
+    """method -> (config, run folder) of a run that was never stopped, made once per method."""
+    made = {}
+
+    def run(method: str):
+        if method not in made:
+            tmp = tmp_path_factory.mktemp(f"whole-{method}")
+            config = _config(tmp, data, method)
+            done = subprocess.run(_cmd(config, tmp / "whole"), env=_env(), cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[method] = config, tmp / "whole"
+        return made[method]
+
+    return run
+
+
+def _resume_and_compare(config: Path, broken: Path, whole: Path, method: str) -> str:
     again = subprocess.run(_cmd(config, broken, "--resume_from_checkpoint", "latest"), env=_env(), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming from {resumed_from}" in again.stdout
-
-    losses, tensors = _final_state(whole, weights)
-    resumed_losses, resumed_tensors = _final_state(broken, weights)
+    losses, tensors = _final_state(whole, WEIGHTS[method])
+    resumed_losses, resumed_tensors = _final_state(broken, WEIGHTS[method])
     assert len(resumed_losses) == len(losses) == STEPS
     assert resumed_losses[-1] == pytest.approx(losses[-1], rel=1e-5, abs=1e-5)
     assert resumed_tensors.keys() == tensors.keys()
     for name, t in tensors.items():
         torch.testing.assert_close(resumed_tensors[name], t, rtol=1e-5, atol=1e-5, msg=name)
+    return again.stdout
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, uninterrupted, method):
+    config, whole = uninterrupted(method)
+    broken = tmp_path / "broken"
+    assert _kill_after_checkpoint(_cmd(config, broken), broken, 8) == -signal.SIGKILL
+    assert not (broken / "adapter").exists(), "the run finished before it was killed"
+    resumed_from = last_complete_checkpoint(broken)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < STEPS
+    stdout = _resume_and_compare(config, broken, whole, method)
+    assert f"resuming from {resumed_from}" in stdout
+
+
+# Runs a recipe with Trainer's RNG-state save replaced by a SIGKILL at one step: the process dies inside a
+# checkpoint save, after the weights and optimizer are written and before the RNG and trainer states are.
+KILL_DURING_SAVE = """
+import os, runpy, signal, sys
+from transformers import Trainer
+original = Trainer._save_rng_state
+def dying(self, output_dir):
+    if self.state.global_step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, output_dir)
+Trainer._save_rng_state = dying
+sys.argv[0] = {recipe!r}
+runpy.run_path({recipe!r}, run_name="__main__")
+"""
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_usable(tmp_path, uninterrupted):
+    config, whole = uninterrupted("lora")
+    script = tmp_path / "die_while_saving.py"
+    script.write_text(KILL_DURING_SAVE.format(step=8, recipe=RECIPE))
+    broken = tmp_path / "broken"
+    proc = subprocess.run([sys.executable, str(script), *_cmd(config, broken)[2:]], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    half = broken / "checkpoint-8"
+    assert (half / WEIGHTS["lora"]).exists() and not is_complete(half)  # died mid-save
+    assert last_complete_checkpoint(broken) == broken / "checkpoint-4"
+    stdout = _resume_and_compare(config, broken, whole, "lora")
+    assert f"resuming from {broken / 'checkpoint-4'}" in stdout
+    assert (broken / "incomplete-checkpoint-8" / WEIGHTS["lora"]).exists(), "the half-written save is kept aside"
 
 
 def _fake_checkpoint(folder: Path, step: int, weights: bool = True, state: str | None = None) -> Path:
