@@ -43,7 +43,7 @@ RENAMED = {
 # Keys that were removed with no new home: refused, with what to do instead.
 REMOVED = {
     "logging_dir": "TensorBoard logs always go to <output_dir>/runs; remove logging_dir",
-    "group_by_length": "transformers 5 removed it; remove group_by_length",
+    "group_by_length": "transformers 5 removed it; use train_sampling_strategy: group_by_length",
     "include_tokens_per_second": "train_tokens_per_s is always in metrics.json; remove include_tokens_per_second",
     "max_prompt_length": "TRL 1.16 removed it; truncate prompts in the data or use max_length",
     "max_completion_length_dpo": "TRL 1.16 removed it",
@@ -78,6 +78,9 @@ class RunArguments:
         "help": "load checkpoints that hold only pickle weights (.bin/.pt), which can run code when loaded"})
     truncation: bool = field(default=True, metadata={
         "help": "cut examples longer than max_length; false: refuse them, naming the row, before training"})
+    compact_loss: bool = field(default=True, metadata={
+        "help": "causal-LM SFT: project only the positions that have a label through the LM head (TRL scores every "
+                "position off CUDA; see hf_tuner/compact_loss.py)"})
     resume: str = field(default="never", metadata={
         "help": "auto: resume from the last complete checkpoint in output_dir when there is one; never: only "
                 "when resume_from_checkpoint says so (`latest` or a checkpoint folder)"})
