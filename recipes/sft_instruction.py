@@ -59,6 +59,7 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup, trainable_parameters
     from hf_tuner.checkpoints import train_resumable
+    from hf_tuner.compact_loss import compact_loss_trainer
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
@@ -87,6 +88,9 @@ def train(config=None) -> RunResult:
     if peft.prompt_learning and args.packing:
         print(f"note: packing turned off: {peft.method} prepends virtual tokens and would lose sequence boundaries")
         args.packing = False
+    if args.packing and args.packing_strategy == "wrapped":
+        print("warning: packing_strategy wrapped lets sequences attend across their boundaries; "
+              "bfd (the default) keeps them apart")
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -118,6 +122,8 @@ def train(config=None) -> RunResult:
     # 4. train: completion-only loss on the chat-templated answers
     args.include_num_input_tokens_seen = "non_padding"
     trainer_cls = plain_loss_trainer(SFTTrainer) if peft.plain_loss else SFTTrainer
+    if run.compact_loss and not peft.plain_loss and not peft.prompt_learning:  # virtual tokens shift positions
+        trainer_cls = compact_loss_trainer(SFTTrainer)
     trainer = trainer_cls(model=model, args=args, train_dataset=_train_dataset(train_rows, run.system_prompt),
                           processing_class=tokenizer, peft_config=peft.config, callbacks=peft.callbacks)
     trainable, total = trainable_parameters(trainer.model)

@@ -1,0 +1,329 @@
+"""SFT throughput and memory: our `sft_instruction` recipe against a plain TRL `SFTTrainer` script.
+
+    python benchmarks/bench_sft.py [--model smollm2-135m-instruct|tiny-llama] [--pairs 3] [--sequences 256]
+    make bench                     # this, then benchmarks/bench_generation.py; results in runs/bench/
+
+Both arms train the same model with LoRA (r 16, alpha 32, dropout 0.05, all linear layers) on the same
+`--sequences` WordNet examples (the recipe's own split and order), one epoch, same batch size, learning rate
+and seed. The TRL arm is TRL's documented defaults otherwise (bf16, gradient checkpointing, linear schedule,
+full max_length, random sampler, its fused LM head), plus `use_cpu=True` on a CPU, which TRL needs there.
+Arms alternate A B A B (`--pairs` pairs), each in its own subprocess, so a figure is that run's own (peak RSS
+of the process; peak GPU memory on a GPU) and CPU contention from other jobs falls on both arms alike.
+
+Reported per arm: median real (non-pad) training tokens/s, the ratio ours/TRL, peak memory, and the loss on
+the same held-out examples after training (completion tokens, fp32, one function for both). Also this
+machine's fp32 and bf16 matmul peak (a large torch.matmul, repeated) and the training FLOP/s as a fraction of
+it: an estimate, 6 x transformer-block parameters x real tokens/s (the LM head, attention scores and the
+skipped weight gradients of frozen LoRA bases are left out, so it is the model's useful work, the same
+formula for both arms). Writes bench_sft.json and bench_sft.md in --output_dir.
+
+`--variant name='{"field": value}'` adds arms that run our recipe with overrides (lever measurements);
+`--no_trl` leaves the TRL arm out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+
+
+def _rows(spec: dict):
+    """The recipe's own train rows (split by word, shuffled, capped) and held-out rows."""
+    from recipes.sft_instruction import _check_and_load_data
+
+    ns = SimpleNamespace(script=SimpleNamespace(dataset_name=spec["dataset"]),
+                         run=SimpleNamespace(eval_samples=spec["eval_samples"], split_seed=0,
+                                             train_samples=spec["sequences"], held_out_tasks=None))
+    train_rows, held_rows, _ = _check_and_load_data(ns)
+    return train_rows, held_rows
+
+
+def held_out_loss(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
+    """Mean negative log-likelihood of the completion tokens (chat template applied), fp32, no autocast."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False).input_ids
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        examples.append((ids, n_prompt))
+    nll, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            labels = torch.full_like(input_ids, -100)
+            for j, (ids, n_prompt) in enumerate(chunk):
+                input_ids[j, :len(ids)] = torch.tensor(ids)
+                mask[j, :len(ids)] = 1
+                labels[j, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:].to(device)
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int((targets != -100).sum())
+    return nll / count
+
+
+def _block_parameters(model) -> int:
+    """Parameters of the transformer blocks (LoRA included): what every token's forward and backward cross."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+
+
+def _peak_memory_mb() -> tuple[float, str]:
+    import torch
+
+    from hf_tuner.devices import peak_rss_mb
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU"
+    return peak_rss_mb(), "RSS"
+
+
+def worker_ours(spec: dict) -> dict:
+    import yaml
+
+    from recipes.sft_instruction import train
+
+    config = yaml.safe_load((REPO / "recipes/configs/sft_instruction.yaml").read_text())
+    config.update({"model_name_or_path": spec["model"], "dataset_name": spec["dataset"],
+                   "output_dir": spec["output_dir"], "overwrite_output_dir": True, "evaluate_base": False,
+                   "few_shot": 0, "eval_samples": spec["eval_samples"], "eval_max_new_tokens": 8,
+                   "train_samples": spec["sequences"], "num_train_epochs": 1, "max_steps": -1,
+                   "per_device_train_batch_size": spec["batch_size"], "learning_rate": spec["learning_rate"],
+                   "seed": spec["seed"], "report_to": ["none"], "logging_steps": 5, **LORA,
+                   **spec.get("overrides", {})})
+    result = train(config)
+    resolved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
+    _, held_rows = _rows(spec)
+    t = result.metrics["train"]
+    memory, kind = _peak_memory_mb()
+    return {"tokens": t["train_tokens"], "runtime_s": t["runtime_s"], "tokens_per_s": t["train_tokens_per_s"],
+            "steps": t["steps"], "train_loss": t["train_loss"], "bf16": t["bf16"],
+            "eval_loss": held_out_loss(result.model, result.tokenizer, held_rows),
+            "peak_memory_mb": memory, "memory_kind": kind, "block_params": _block_parameters(result.model),
+            "config": {k: resolved.get(k) for k in ("gradient_checkpointing", "train_sampling_strategy", "packing",
+                                                    "compact_loss", "bf16", "max_length", "lr_scheduler_type")}}
+
+
+def worker_trl(spec: dict) -> dict:
+    """A plain TRL script: SFTConfig's defaults except what both arms must share."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_tuner import assets
+
+    train_rows, held_rows = _rows(spec)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
+    args = SFTConfig(output_dir=spec["output_dir"], use_cpu=not torch.cuda.is_available(),
+                     per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
+                     learning_rate=spec["learning_rate"], seed=spec["seed"], report_to="none", save_strategy="no")
+    peft_config = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=assets.resolve(spec["model"]), args=args, train_dataset=dataset,
+                         peft_config=peft_config)
+    start = time.perf_counter()
+    output = trainer.train()
+    runtime = time.perf_counter() - start
+    tokens = trainer._total_train_tokens  # TRL's own count of attention-mask (real) tokens, logged as num_tokens
+    memory, kind = _peak_memory_mb()
+    return {"tokens": tokens, "runtime_s": runtime, "tokens_per_s": tokens / runtime,
+            "steps": trainer.state.global_step, "train_loss": output.training_loss, "bf16": bool(args.bf16),
+            "eval_loss": held_out_loss(trainer.model, trainer.processing_class, held_rows),
+            "peak_memory_mb": memory, "memory_kind": kind, "block_params": _block_parameters(trainer.model),
+            "config": {"gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
+                       "max_length": args.max_length, "packing": args.packing,
+                       "lr_scheduler_type": str(args.lr_scheduler_type)}}
+
+
+def worker_matmul(spec: dict) -> dict:
+    """Best sustained FLOP/s of a large square matmul, fp32 and bf16 (median of `repeats` timed calls)."""
+    import torch
+
+    from hf_tuner.devices import set_cpu_threads
+
+    threads = set_cpu_threads()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = spec["matmul_n"]
+    out = {"n": n, "threads": threads, "device": device}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(spec["matmul_repeats"]):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        name = str(dtype).removeprefix("torch.")
+        out[f"{name}_tflops_median"] = 2 * n**3 / statistics.median(times) / 1e12
+        out[f"{name}_tflops_best"] = 2 * n**3 / min(times) / 1e12
+    return out
+
+
+WORKERS = {"ours": worker_ours, "trl": worker_trl, "matmul": worker_matmul}
+
+
+def run_worker(kind: str, spec: dict, out: Path, name: str) -> dict:
+    result_file = out / f"{name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec),
+           "--result", str(result_file)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); log in {out / (name + '.log')}:\n"
+                         + proc.stderr[-3000:])
+    result = json.loads(result_file.read_text())
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def summarise(runs: list[dict], peak_tflops: float | None) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    tps = med("tokens_per_s")
+    flops = 6 * runs[0]["block_params"] * tps
+    return {"tokens_per_s": tps, "tokens_per_s_runs": [r["tokens_per_s"] for r in runs],
+            "eval_loss": med("eval_loss"), "eval_loss_runs": [r["eval_loss"] for r in runs],
+            "peak_memory_mb": med("peak_memory_mb"), "memory_kind": runs[0]["memory_kind"],
+            "train_tokens": runs[0]["tokens"], "steps": runs[0]["steps"], "runtime_s": med("runtime_s"),
+            "train_loss": med("train_loss"), "bf16": runs[0]["bf16"], "config": runs[0]["config"],
+            "est_train_tflops": flops / 1e12,
+            "fraction_of_matmul_peak": flops / (peak_tflops * 1e12) if peak_tflops else None}
+
+
+def markdown(result: dict) -> str:
+    arms = result["arms"]
+    mem = arms["ours"]["memory_kind"] if "ours" in arms else "RSS"
+    lines = [f"| arm | real tokens/s (median of {result['pairs']}) | vs TRL | held-out loss | peak {mem} (MB) | "
+             "est. TFLOP/s | of matmul peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+    trl = arms.get("trl", {}).get("tokens_per_s")
+    for name, a in arms.items():
+        ratio = f"{a['tokens_per_s'] / trl:.2f}x" if trl else "-"
+        frac = f"{100 * a['fraction_of_matmul_peak']:.0f}%" if a["fraction_of_matmul_peak"] else "-"
+        lines.append(f"| {name} | {a['tokens_per_s']:,.0f} | {ratio} | {a['eval_loss']:.4f} | "
+                     f"{a['peak_memory_mb']:,.0f} | {a['est_train_tflops']:.3f} | {frac} |")
+    m = result["matmul"]
+    text = (f"# SFT throughput: hf-tuner `sft_instruction` vs TRL `SFTTrainer` defaults\n\n"
+            f"`{result['command']}` on {result['machine']}. {result['model']} + LoRA r16, {result['sequences']} "
+            f"WordNet sequences, batch {result['batch_size']}, lr {result['learning_rate']}, one epoch, seed "
+            f"{result['seed']}; arms alternated A B A B, each run in its own process.\n\n" + "\n".join(lines) +
+            f"\n\nMatmul peak ({m['n']}x{m['n']}, {m['threads']} threads, median): fp32 {m['float32_tflops_median']:.2f} "
+            f"TFLOP/s, bf16 {m['bfloat16_tflops_median']:.2f} TFLOP/s. Training FLOP/s is an estimate: 6 x "
+            "transformer-block parameters x real tokens/s, against the peak of the precision the arm trains in.\n")
+    if "generation" in result:
+        g = result["generation"]
+        text += (f"\nGeneration ({g['prompts']} prompts, {g['max_new_tokens']} new tokens, greedy): batched "
+                 f"(batch {g['batch_size']}) {g.get('batched_tokens_per_s', 0):.1f} tokens/s vs per-example loop "
+                 f"{g.get('loop_tokens_per_s', 0):.1f} tokens/s: {g['speedup']:.2f}x; identical outputs "
+                 f"{g['identical_outputs']}/{g['prompts']}.\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dataset", default="wordnet-definitions")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--eval_samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--matmul_n", type=int, default=4096)
+    parser.add_argument("--matmul_repeats", type=int, default=10)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra arm: our recipe with these field overrides")
+    parser.add_argument("--no_trl", action="store_true")
+    parser.add_argument("--generation_json", help="bench_generation.py output to fold into the table")
+    parser.add_argument("--output_dir", default="runs/bench")
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        result = WORKERS[args.worker](json.loads(args.spec))
+        Path(args.result).write_text(json.dumps(result, indent=2))
+        return
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {k: getattr(args, k) for k in ("model", "dataset", "sequences", "batch_size", "learning_rate",
+                                          "eval_samples", "seed", "matmul_n", "matmul_repeats")}
+    arms = {"ours": {}} | {v.split("=", 1)[0]: json.loads(v.split("=", 1)[1]) for v in args.variant}
+    if not args.no_trl:
+        arms["trl"] = None
+    start = time.perf_counter()
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
+    with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
+        for i in range(args.pairs):
+            for name, overrides in arms.items():  # A B A B: every arm once per round
+                arm_spec = {**spec, "output_dir": f"{tmp}/{name}-{i}", "overrides": overrides or {}}
+                r = run_worker("trl" if overrides is None else "ours", arm_spec, out, f"{name}-{i}")
+                runs[name].append(r)
+                print(f"round {i + 1}/{args.pairs} {name:12s} {r['tokens_per_s']:8.0f} real tokens/s  "
+                      f"held-out loss {r['eval_loss']:.4f}  peak {r['memory_kind']} {r['peak_memory_mb']:.0f} MB  "
+                      f"wall {r['wall_s']:.0f} s", flush=True)
+    matmul = run_worker("matmul", spec, out, "matmul")
+    print(f"matmul peak: fp32 {matmul['float32_tflops_median']:.2f}, bf16 {matmul['bfloat16_tflops_median']:.2f} "
+          "TFLOP/s", flush=True)
+    peak = lambda r: matmul["bfloat16_tflops_median" if r[0]["bf16"] else "float32_tflops_median"]  # noqa: E731
+    summary = {name: summarise(rs, peak(rs)) for name, rs in runs.items()}
+    import platform
+
+    import torch
+
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
+               f"CPU ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
+               f"{', AMX/AVX512-BF16' if __import__('hf_tuner.devices').devices.cpu_supports_bf16() else ''})")
+    result = {"command": " ".join(["python", "benchmarks/bench_sft.py", *sys.argv[1:]]), "machine": machine,
+              **{k: spec[k] for k in ("model", "sequences", "batch_size", "learning_rate", "seed")},
+              "pairs": args.pairs, "arms": summary, "matmul": matmul, "runs": runs,
+              "bench_wall_s": time.perf_counter() - start}
+    if "trl" in summary:
+        o, t = summary["ours"], summary["trl"]
+        result.update({"ours_tokens_per_s": o["tokens_per_s"], "trl_tokens_per_s": t["tokens_per_s"],
+                       "ratio": o["tokens_per_s"] / t["tokens_per_s"], "ours_eval_loss": o["eval_loss"],
+                       "trl_eval_loss": t["eval_loss"], "eval_loss_rel_diff": o["eval_loss"] / t["eval_loss"] - 1,
+                       "ours_peak_rss_mb": o["peak_memory_mb"], "trl_peak_rss_mb": t["peak_memory_mb"],
+                       "ours_fraction_of_matmul_peak": o["fraction_of_matmul_peak"],
+                       "trl_fraction_of_matmul_peak": t["fraction_of_matmul_peak"]})
+    if args.generation_json and Path(args.generation_json).exists():
+        result["generation"] = json.loads(Path(args.generation_json).read_text())
+    (out / "bench_sft.json").write_text(json.dumps(result, indent=2))
+    (out / "bench_sft.md").write_text(markdown(result))
+    print("\n" + markdown(result))
+
+
+if __name__ == "__main__":
+    main()
