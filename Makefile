@@ -115,8 +115,14 @@ rlhf-compare: assets
 	$(PY) -m hf_tuner.cli compare runs/rlhf-compare-$(RUN_ID)/* --output runs/rlhf-compare-$(RUN_ID)/comparison.md
 
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
+# make bench: generation (batched vs per-example loop), then SFT throughput ours vs TRL defaults (A B A B x 3,
+# matmul peak); JSON + Markdown in $(BENCH_DIR). BENCH_ARGS="--model tiny-llama" for a quick run.
+BENCH_DIR ?= runs/bench
 bench: assets
-	$(PY) benchmarks/bench_generation.py --output bench_generation.json
+	mkdir -p $(BENCH_DIR)
+	$(PY) benchmarks/bench_generation.py --output $(BENCH_DIR)/bench_generation.json $(GEN_ARGS)
+	$(PY) benchmarks/bench_sft.py --output_dir $(BENCH_DIR) --generation_json $(BENCH_DIR)/bench_generation.json \
+		$(BENCH_ARGS)
 
 # Peer check of our PPO against TRL 1.12.0's PPOTrainer (its own throwaway venv, made on first use; ~15 min).
 bench-ppo-peer: assets

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--n 64] [--batch_size 16]
 
-Prints prompts/s for both, the speedup, and how many greedy outputs agree; writes bench_generation.json.
+Prints prompts/s and generated tokens/s for both, the speedup, and how many greedy outputs agree; writes bench_generation.json.
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
         print(f"{name:8s} batch {batch:3d}: {timings[name]:7.1f} s, {len(prompts) / timings[name]:.2f} prompts/s")
     same = sum(a == b for a, b in zip(outputs["loop"], outputs["batched"]))
+    # generated tokens: the decoded outputs re-tokenized (special tokens and padding are not in them)
+    new_tokens = {k: sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in v) for k, v in outputs.items()}
     result = {"model": args.model, "prompts": len(prompts), "batch_size": args.batch_size, "threads": threads,
               "max_new_tokens": args.max_new_tokens, "loop_s": timings["loop"], "batched_s": timings["batched"],
-              "speedup": timings["loop"] / timings["batched"], "identical_outputs": same}
+              "speedup": timings["loop"] / timings["batched"], "identical_outputs": same,
+              "loop_tokens_per_s": new_tokens["loop"] / timings["loop"],
+              "batched_tokens_per_s": new_tokens["batched"] / timings["batched"]}
     print(f"speedup {result['speedup']:.2f}x; identical greedy outputs {same}/{len(prompts)}")
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
