@@ -71,6 +71,16 @@ def _score(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from hf_tuner.evaluation.checkpoint_eval import evaluate_checkpoint
 
+    if args.bias:
+        from hf_tuner.evaluation.bias import evaluate_bias
+
+        result = evaluate_bias(args.model, args.output_dir, args.adapter, args.bias_kind, args.bias_terms,
+                               args.batch_size, args.max_new_tokens, args.seed)
+        print(f"\n{result['n_texts']} counterfactual texts, score: {result['score']}, written to "
+              f"{args.output_dir}:\n{result['table']}")
+        return 0
+    if not args.task:
+        raise ValueError("eval needs --task (or --bias for the counterfactual bias checks)")
     record = evaluate_checkpoint(
         args.model, args.task, args.output_dir, adapter=args.adapter,
         baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
@@ -191,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint (and adapter) under baselines x decoding strategies")
     p_eval.add_argument("--model", required=True, help="asset name, local folder or Hub id")
     p_eval.add_argument("--adapter", help="a PEFT adapter folder to put on the model")
-    p_eval.add_argument("--task", required=True, help="wordnet-definitions or a .jsonl/.json/.csv file")
+    p_eval.add_argument("--task", help="wordnet-definitions or a .jsonl/.json/.csv file (not with --bias)")
+    p_eval.add_argument("--bias", action="store_true", help="counterfactual bias checks: the gap between groups "
+                        "(names, pronouns, nationalities) in P(positive), reward or generated sentiment, with a CI")
+    p_eval.add_argument("--bias_kind", choices=["classifier", "reward", "generator"],
+                        help="with --bias: what to score (default: from the model's class)")
+    p_eval.add_argument("--bias_terms", help="with --bias: a probe file like hf_tuner/evaluation/bias_terms.yaml")
     p_eval.add_argument("--baselines", default="zero_shot", help="comma list: zero_shot, one_shot, few_shot_K")
     p_eval.add_argument("--decoding", default="greedy", help="comma list: greedy, beam, sampling, top_k, top_p")
     p_eval.add_argument("--output_dir", required=True)

@@ -31,6 +31,8 @@ class RewardArguments(RunArguments):
     eval_snippets: int = field(default=1000, metadata={"help": "vader: snippets held out before pairing"})
     min_gap: float = field(default=1.0, metadata={"help": "vader: least rating difference that makes a pair"})
     vader_sources: list[str] | None = field(default=None, metadata={"help": "vader files (default: movie reviews)"})
+    bias_terms: str | None = field(default=None, metadata={
+        "help": "counterfactual bias probes (default: hf_tuner/evaluation/bias_terms.yaml)"})
 
 
 def _config(source):
@@ -83,6 +85,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.bias import bias_for_model, bias_section
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import PreferenceTask
     from hf_tuner.generation import DecodingSettings
@@ -114,6 +117,7 @@ def train(config=None) -> RunResult:
     task = PreferenceTask("held-out pairs", held_pairs)
     settings = DecodingSettings(batch_size=run.eval_batch_size, seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, task, settings)}
+    bias = {"base (untrained head)": bias_for_model(model, tokenizer, "reward", run.bias_terms)}
 
     # 3. train
     if peft.config is not None:
@@ -127,6 +131,7 @@ def train(config=None) -> RunResult:
 
     # 4. evaluate, save, report
     results["tuned"] = evaluate_model(trainer.model, tokenizer, task, settings)
+    bias["tuned"] = bias_for_model(trainer.model, tokenizer, "reward", run.bias_terms)
     trainer.save_model(str(out / "model"))
     if is_main_process():
         plot_rewards(results["tuned"]["chosen"], results["tuned"]["rejected"], out / "reward_distribution.png",
@@ -136,10 +141,10 @@ def train(config=None) -> RunResult:
                "train": train_summary(trainer, train_output, runtime, train_pairs=len(train_pairs),
                                       eval_pairs=len(held_pairs), truncated_pairs=truncated,
                                       peft_method=run.peft_method, peak_rss_mb=peak_rss_mb()),
-               "eval_seconds": {k: v["seconds"] for k, v in results.items()}}
+               "eval_seconds": {k: v["seconds"] for k, v in results.items()}, "bias": bias}
     notes = ["## Reward distribution (held-out)", "", "![rewards](reward_distribution.png)", "",
              f"Pairs: {len(train_pairs)} train, {len(held_pairs)} held-out (from texts never trained on); "
-             f"{truncated} training pairs truncated at max_length={args.max_length}.", ""]
+             f"{truncated} training pairs truncated at max_length={args.max_length}.", "", *bias_section(bias)]
     examples = [{"chosen": p["chosen"], "rejected": p["rejected"], "tuned scores": results["tuned"]["predictions"][i]}
                 for i, p in enumerate(held_pairs[:run.report_examples])]
     table = write_run_record(out, "reward_model", metrics, examples, trainer.state.log_history, notes)

@@ -37,6 +37,8 @@ class ClassificationArguments(RunArguments, VaderArguments):
         metadata={"help": "causal LM prompted zero-shot and few-shot with label words (empty: no LM baselines)"})
     labels: list[str] = field(default_factory=lambda: list(POLARITY_LABELS), metadata={
         "help": "the label set; a .jsonl/.json/.csv dataset_name has `text` and `label` columns from it"})
+    bias_terms: str | None = field(default=None, metadata={
+        "help": "counterfactual bias probes (default: hf_tuner/evaluation/bias_terms.yaml)"})
 
 
 def _config(source):
@@ -88,6 +90,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.checkpoints import train_resumable
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.bias import bias_for_model, bias_section
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
     from hf_tuner.generation import DecodingSettings
@@ -130,6 +133,7 @@ def train(config=None) -> RunResult:
     settings = DecodingSettings(max_new_tokens=run.eval_max_new_tokens, batch_size=run.eval_batch_size, seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, task, settings)}
     confusion = {"labels": labels, "base": _confusion(task, results["base"], True)}
+    bias = {"base (untrained head)": bias_for_model(model, tokenizer, "classifier", run.bias_terms)}
     if run.baseline_model:
         lm, lm_tokenizer = load_model(run.baseline_model, "causal-lm")
         lm_tasks = {"zero_shot": task}
@@ -153,6 +157,7 @@ def train(config=None) -> RunResult:
     # 5. evaluate the tuned model
     results["tuned"] = evaluate_model(trainer.model, tokenizer, task, settings)
     confusion["tuned"] = _confusion(task, results["tuned"], True)
+    bias["tuned"] = bias_for_model(trainer.model, tokenizer, "classifier", run.bias_terms)
 
     # 6. report
     trainer.save_model(str(out / "model"))  # the full model, or the adapter plus the head
@@ -166,12 +171,12 @@ def train(config=None) -> RunResult:
         "train": train_summary(trainer, train_output, runtime, train_examples=len(train_rows),
                                eval_examples=len(held_rows), peft_method=run.peft_method),
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
-        "confusion_matrix": confusion,
+        "confusion_matrix": confusion, "bias": bias,
     }
     notes = ["## Confusion matrices", "", "Rows: true label; columns: predicted (" + ", ".join(labels) + "). An LM answer "
              "that names no label counts as wrong in the metrics but sits in no cell here (see `unparsed`).", "",
              *[f"- {k}: {v}" for k, v in confusion.items() if k != "labels"], "",
-             "![confusion matrix](confusion_matrix.png)", ""]
+             "![confusion matrix](confusion_matrix.png)", "", *bias_section(bias)]
     examples = [{"text": r["text"], "label": r["label"], **{k: v["predictions"][i] for k, v in results.items()}}
                 for i, r in enumerate(held_rows[:run.report_examples])]
     table = write_run_record(out, "sft_classification", metrics, examples, trainer.state.log_history, notes)

@@ -35,6 +35,9 @@ def test_reward_model_learns_a_separable_preference_set(finished_run):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     for name in ("metrics.json", "report.md", "reward_distribution.png", "model/config.json"):
         assert (finished_run.output_dir / name).exists(), name
+    assert set(metrics["bias"]) == {"base (untrained head)", "tuned"}  # counterfactual bias checks, both models
+    assert metrics["bias"]["tuned"]["kind"] == "reward" and "names" in metrics["bias"]["tuned"]["dimensions"]
+    assert "Counterfactual bias checks" in (finished_run.output_dir / "report.md").read_text()
 
 
 def test_saved_reward_model_scores_like_the_one_in_memory(finished_run):

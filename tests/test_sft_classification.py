@@ -55,6 +55,8 @@ def test_run_folder_is_complete(finished_run):
     assert sum(map(sum, matrix["tuned"])) == metrics["train"]["eval_examples"] == 16
     report = (result.output_dir / "report.md").read_text()
     assert "base (untrained head)" in report and "tiny-llama few_shot_2" in report and "Confusion matrices" in report
+    assert set(metrics["bias"]) == {"base (untrained head)", "tuned"} and "Counterfactual bias checks" in report
+    assert set(metrics["bias"]["tuned"]["dimensions"]) == {"names", "pronouns", "nationalities"}
 
 
 def test_reloaded_model_gives_the_same_logits(finished_run):

@@ -1,0 +1,123 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_tuner.evaluation.bias import (DEFAULT_TERMS, bias_for_model, counterfactual_texts, load_dimensions,
+                                      measure_bias)
+
+
+class BagOfWordsClassifier(torch.nn.Module):
+    """Logits = sum of per-token weights: exactly as dependent on a token as we make it."""
+
+    def __init__(self, vocab_size: int, positive_weights: dict[int, float]):
+        super().__init__()
+        self.weights = torch.nn.Embedding(vocab_size, 2)
+        torch.nn.init.zeros_(self.weights.weight)
+        with torch.no_grad():
+            for token, w in positive_weights.items():
+                self.weights.weight[token, 1] = w
+        self.config = SimpleNamespace(id2label={0: "negative", 1: "positive"}, num_labels=2)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return SimpleNamespace(logits=(self.weights(input_ids) * mask[..., None]).sum(1))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hf_tuner.models import load_tokenizer
+
+    return load_tokenizer("tiny-bert")
+
+
+def _ids(tokenizer, texts):
+    return {i for t in texts for i in tokenizer(t)["input_ids"]}
+
+
+def test_gap_is_zero_for_a_model_that_ignores_the_swapped_terms(tokenizer):
+    from collections import Counter
+
+    dims = load_dimensions()
+    texts = [t for d in dims for _, _, t in counterfactual_texts(d)]
+    # weights on the template words only ("doctor", "engineer", ...): none on a token whose count differs
+    # between the variants of any template, i.e. on what the swap changes
+    swapped = set()
+    for d in dims:
+        rows = counterfactual_texts(d)
+        for t in range(len(d.templates)):
+            counts = [Counter(tokenizer(text)["input_ids"]) for i, _, text in rows if i == t]
+            swapped |= {tok for c in counts for tok in c if len({c2[tok] for c2 in counts}) > 1}
+    weights = {i: 0.3 * ((i % 7) - 3) for i in _ids(tokenizer, texts) - swapped}
+    model = BagOfWordsClassifier(len(tokenizer), weights)
+    result = bias_for_model(model, tokenizer, "classifier")
+    assert set(result["dimensions"]) == {"names", "pronouns", "nationalities"}
+    for dim, r in result["dimensions"].items():
+        means = list(r["group_means"].values())
+        assert max(means) - min(means) < 1e-6, (dim, r)  # fp32 sums; the templates do move the score, the terms do not
+        assert abs(r["gap"]) < 1e-6 and abs(r["ci_low"]) < 1e-6 and abs(r["ci_high"]) < 1e-6
+    assert len({round(v, 6) for v in model.weights.weight[:, 1].tolist()}) > 1
+
+
+def test_gap_is_large_for_a_model_built_to_depend_on_the_terms(tokenizer):
+    dims = {d.name: d for d in load_dimensions()}
+    rows = [row for name in ("names", "pronouns") for row in counterfactual_texts(dims[name])]
+    female = [text for _, group, text in rows if group == "female"]
+    male = [text for _, group, text in rows if group == "male"]
+    # positive weight on tokens only female names/pronouns have: "female" texts score higher
+    model = BagOfWordsClassifier(len(tokenizer), {i: 2.0 for i in _ids(tokenizer, female) - _ids(tokenizer, male)})
+    result = bias_for_model(model, tokenizer, "classifier")["dimensions"]
+    for dim in ("names", "pronouns"):
+        r = result[dim]
+        assert r["highest"] == "female" and r["gap"] > 0.1, r
+        assert 0 < r["ci_low"] <= r["gap"] <= r["ci_high"]
+        assert r["pair_ci_low"] > 0  # the interval of the female - lowest difference excludes zero
+
+
+def test_measure_bias_on_plain_scorers():
+    dims = load_dimensions()
+    flat = measure_bias(lambda texts: [0.5] * len(texts), dims)
+    assert all(r["gap"] == 0 for r in flat.values())
+    by_name = measure_bias(lambda texts: [1.0 if "Nigerian" in t else 0.0 for t in texts], dims)["nationalities"]
+    assert by_name["highest"] == "Nigerian" and by_name["gap"] == pytest.approx(1.0)
+    assert by_name["n_templates"] == 8 and by_name["n_texts"] == 8 * 8
+
+
+def test_real_tiny_classifier_reward_model_and_generator(tmp_path, tiny_llama):
+    from hf_tuner.models import load_model
+
+    terms = tmp_path / "terms.yaml"
+    terms.write_text("dimensions:\n  names:\n    slot: name\n    templates: ['{name} is here.', 'I saw {name}.']\n"
+                     "    groups: {a: [Anna, Maria], b: [John, Peter]}\n")
+    clf, tok = load_model("tiny-bert", "classification", num_labels=2)
+    r = bias_for_model(clf, tok, terms=terms)
+    assert r["kind"] == "classifier" and 0 <= r["dimensions"]["names"]["gap"] < 1
+    reward, _ = load_model("tiny-bert", "classification", num_labels=1, ignore_mismatched_sizes=True)
+    assert bias_for_model(reward, tok, terms=terms)["kind"] == "reward"
+    lm, lm_tok = load_model(tiny_llama, "causal-lm")
+    g = bias_for_model(lm, lm_tok, terms=terms, max_new_tokens=4)
+    assert g["kind"] == "generator" and g["dimensions"]["names"]["n_texts"] == 8
+
+
+def test_cli_eval_bias_writes_its_record(tmp_path, capsys):
+    from hf_tuner.cli import main
+
+    assert main(["eval", "--bias", "--model", "tiny-bert", "--output_dir", str(tmp_path / "b")]) == 0
+    record = json.loads((tmp_path / "b" / "bias.json").read_text())
+    assert record["kind"] == "classifier" and set(record["dimensions"]) == {"names", "pronouns", "nationalities"}
+    assert "95% CI" in (tmp_path / "b" / "bias.md").read_text() and "pronouns" in capsys.readouterr().out
+    assert main(["eval", "--model", "tiny-bert", "--output_dir", str(tmp_path / "c")]) == 2  # no --task, no --bias
+
+
+def test_bad_probe_file_names_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dimensions:\n  names:\n    slot: name\n    templates: ['{person} is here.']\n"
+                   "    groups: {a: [Anna], b: [John]}\n")
+    with pytest.raises(ValueError, match=r"names.a term .* lacks \['person'\]"):
+        load_dimensions(bad)
+    one_group = tmp_path / "one.yaml"
+    one_group.write_text("dimensions:\n  names:\n    slot: name\n    templates: ['{name}.']\n    groups: {a: [Anna]}\n")
+    with pytest.raises(ValueError, match="at least two groups"):
+        load_dimensions(one_group)
+    assert DEFAULT_TERMS.is_file()
