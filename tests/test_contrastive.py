@@ -64,7 +64,7 @@ def _config(tmp_path, pairs, **overrides):
     cfg = {"model_name_or_path": "tiny-bert", "dataset_name": str(pairs), "output_dir": str(tmp_path / "run"),
            "eval_samples": 16, "max_length": 24, "per_device_train_batch_size": 16, "max_steps": 40,
            "learning_rate": 2e-3, "lr_scheduler_type": "constant", "temperature": 0.1, "logging_steps": 1,
-           "save_strategy": "no", "report_to": [], "bf16": False, "seed": 0, "num_threads": 2}
+           "save_strategy": "no", "report_to": [], "bf16": False, "seed": 0, "num_threads": 1}
     cfg.update(overrides)
     return cfg
 
