@@ -1,4 +1,4 @@
-"""`hf-tuner` command line: assets, train, eval, score, compare, merge, generate, label, report."""
+"""`hf-tuner` command line: assets, train, eval, tokenizer, score, compare, merge, generate, label, report."""
 
 from __future__ import annotations
 
@@ -88,6 +88,17 @@ def _eval(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples, split_seed=args.split_seed, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, seed=args.seed)
     print(f"\n{record['eval_examples']} held-out examples, written to {args.output_dir}:\n{record['table']}")
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from hf_tuner.tokenizer_training import train_tokenizer_cli
+
+    table = train_tokenizer_cli([c.strip() for c in args.corpus.split(",") if c.strip()], args.kind, args.vocab_size,
+                                args.output_dir, args.eval_fraction, args.seed,
+                                [c.strip() for c in args.compare.split(",") if c.strip()],
+                                [int(v) for v in args.sweep.split(",") if v.strip()])
+    print(f"{table}\n\ntokenizer saved to {args.output_dir} (AutoTokenizer.from_pretrained), report.md beside it")
     return 0
 
 
@@ -215,6 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--max_new_tokens", type=int, default=48)
     p_eval.add_argument("--batch_size", type=int, default=16)
     p_eval.add_argument("--seed", type=int, default=0)
+    p_tok = sub.add_parser("tokenizer", help="train a BPE or unigram tokenizer on a corpus; tokens per word vs others")
+    p_tok.add_argument("action", choices=["train"])
+    p_tok.add_argument("--corpus", default="pydoc-topics,wordnet-glosses",
+                       help="comma list: pydoc-topics, wordnet-glosses, chatterbot-corpus, .txt/.md files or folders")
+    p_tok.add_argument("--kind", default="bpe", choices=["bpe", "unigram"])
+    p_tok.add_argument("--vocab_size", type=int, default=8000)
+    p_tok.add_argument("--output_dir", required=True)
+    p_tok.add_argument("--eval_fraction", type=float, default=0.05, help="share of each source's documents held out")
+    p_tok.add_argument("--compare", default="smollm2-135m-instruct", help="comma list of tokenizers measured beside it")
+    p_tok.add_argument("--sweep", default="", help="comma list of other vocabulary sizes to measure, e.g. 2000,16000")
+    p_tok.add_argument("--seed", type=int, default=0)
     p_score = sub.add_parser("score", help="score predictions against references, one text per line")
     p_score.add_argument("--predictions", required=True)
     p_score.add_argument("--references", required=True)
@@ -269,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare, "merge": _merge,
-                "generate": _generate, "label": _label, "report": _report}[args.command](args)
+                "generate": _generate, "label": _label, "report": _report,
+                "tokenizer": _tokenizer}[args.command](args)
     except (assets.AssetError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
