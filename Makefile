@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install assets test test-slow test-browser demo sft_instruction sft_classification continued_pretraining \
-	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare bench bench-ppo-peer peft-compare clean-venv
+	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-ppo-peer peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -89,6 +89,18 @@ seq2seq: assets
 reward_model: assets
 	$(LAUNCH) recipes/reward_model.py --config recipes/configs/reward_model.yaml \
 		--output_dir runs/reward_model-$(RUN_ID) $(ARGS)
+
+contrastive: assets
+	$(LAUNCH) recipes/contrastive.py --config recipes/configs/contrastive.yaml \
+		--output_dir runs/contrastive-$(RUN_ID) $(ARGS)
+
+grounded_sft: assets
+	$(LAUNCH) recipes/grounded_sft.py --config recipes/configs/grounded_sft.yaml \
+		--output_dir runs/grounded_sft-$(RUN_ID) $(ARGS)
+
+pretrain: assets
+	$(LAUNCH) recipes/pretrain.py --config recipes/configs/pretrain.yaml \
+		--output_dir runs/pretrain-$(RUN_ID) $(ARGS)
 
 # RL needs a reward model: REWARD_MODEL=runs/<a reward_model run> (make rlhf trains one first).
 REWARD_MODEL ?= runs/reward_model
