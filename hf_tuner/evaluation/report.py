@@ -12,8 +12,10 @@ TABLE_METRICS = {"accuracy": "higher", "precision": "higher", "recall": "higher"
                  "mse": "lower", "mae": "lower", "pearson": "higher",
                  "pairwise_accuracy": "higher", "mean_margin": "higher", "mean_reward": "higher", "reward_se": None,
                  "kl": None,
-                 "distinct_2": "higher", "mean_length": None, "seconds_per_example": "lower"}
-TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example", "mse", "mae", "kl"}
+                 "distinct_2": "higher", "mean_length": None, "seconds_per_example": "lower",
+                 "recall@1": "higher", "recall@10": "higher", "mrr": "higher", "mean_rank": "lower",
+                 "groundedness": "higher"}
+TWO_DECIMALS = {"bleu", "perplexity", "mean_length", "seconds_per_example", "mse", "mae", "kl", "mean_rank"}
 
 
 def comparison(metrics: dict) -> list[tuple[str, dict]]:
