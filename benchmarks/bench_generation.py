@@ -26,9 +26,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--output", default="bench_generation.json")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the available cores)")
     args = parser.parse_args()
 
-    threads = set_cpu_threads()
+    threads = set_cpu_threads(args.threads)
     model, tokenizer = load_model(args.model)
     _, rows = held_out_split(args.task, args.n, split_seed=0)
     task = GenerationTask("bench", rows)

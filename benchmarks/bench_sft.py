@@ -1,11 +1,11 @@
 """SFT throughput and memory: our `sft_instruction` recipe against a plain TRL `SFTTrainer` script.
 
-    python benchmarks/bench_sft.py [--model smollm2-135m-instruct|tiny-llama] [--pairs 3] [--sequences 256]
+    python benchmarks/bench_sft.py [--model smollm2-135m-instruct|tiny-llama] [--pairs 3] [--sequences 192] [--threads N]
     make bench                     # this, then benchmarks/bench_generation.py; results in runs/bench/
 
 Both arms train the same model with LoRA (r 16, alpha 32, dropout 0.05, all linear layers) on the same
-`--sequences` WordNet examples (the recipe's own split and order), one epoch, same batch size, learning rate
-and seed. The TRL arm is TRL's documented defaults otherwise (bf16, gradient checkpointing, linear schedule,
+`--sequences` WordNet examples (the recipe's own split and order), one epoch, same batch size, learning rate,
+schedule (TRL's: linear, no warmup) and seed. The TRL arm is TRL's documented defaults otherwise (bf16, gradient checkpointing, linear schedule,
 full max_length, random sampler, its fused LM head), plus `use_cpu=True` on a CPU, which TRL needs there.
 Arms alternate A B A B (`--pairs` pairs), each in its own subprocess, so a figure is that run's own (peak RSS
 of the process; peak GPU memory on a GPU) and CPU contention from other jobs falls on both arms alike.
@@ -38,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+# Our arm trains on TRL's default schedule (the recipe's own is cosine with 10% warmup), so that the held-out
+# loss compares the speed levers, not two schedules; the TRL arm keeps all its defaults.
+SAME_SCHEDULE = {"lr_scheduler_type": "linear", "warmup_steps": 0}
 
 
 def _rows(spec: dict):
@@ -111,8 +114,8 @@ def worker_ours(spec: dict) -> dict:
                    "few_shot": 0, "eval_samples": spec["eval_samples"], "eval_max_new_tokens": 8,
                    "train_samples": spec["sequences"], "num_train_epochs": 1, "max_steps": -1,
                    "per_device_train_batch_size": spec["batch_size"], "learning_rate": spec["learning_rate"],
-                   "seed": spec["seed"], "report_to": ["none"], "logging_steps": 5, **LORA,
-                   **spec.get("overrides", {})})
+                   "seed": spec["seed"], "report_to": ["none"], "logging_steps": 5, **LORA, **SAME_SCHEDULE,
+                   **({"num_threads": spec["threads"]} if spec.get("threads") else {}), **spec.get("overrides", {})})
     result = train(config)
     resolved = yaml.safe_load((result.output_dir / "config.yaml").read_text())
     _, held_rows = _rows(spec)
@@ -135,6 +138,8 @@ def worker_trl(spec: dict) -> dict:
 
     from hf_tuner import assets
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     train_rows, held_rows = _rows(spec)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
     args = SFTConfig(output_dir=spec["output_dir"], use_cpu=not torch.cuda.is_available(),
@@ -164,7 +169,7 @@ def worker_matmul(spec: dict) -> dict:
 
     from hf_tuner.devices import set_cpu_threads
 
-    threads = set_cpu_threads()
+    threads = set_cpu_threads(spec.get("threads"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = spec["matmul_n"]
     out = {"n": n, "threads": threads, "device": device}
@@ -193,14 +198,17 @@ WORKERS = {"ours": worker_ours, "trl": worker_trl, "matmul": worker_matmul}
 
 def run_worker(kind: str, spec: dict, out: Path, name: str) -> dict:
     result_file = out / f"{name}.json"
+    # --threads: the same OpenMP thread count for every arm (on a CPU shared with other jobs, 2 OpenMP threads
+    # on 2 busy cores spin-wait on each other; one thread each is steadier)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", json.dumps(spec),
            "--result", str(result_file)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    log = out / f"{name}.log"
+    with log.open("w") as f:  # streamed, so a slow run can be watched
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); log in {out / (name + '.log')}:\n"
-                         + proc.stderr[-3000:])
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); log in {log}:\n" + log.read_text()[-3000:])
     result = json.loads(result_file.read_text())
     result["wall_s"] = time.perf_counter() - start
     return result
@@ -234,7 +242,7 @@ def markdown(result: dict) -> str:
     text = (f"# SFT throughput: hf-tuner `sft_instruction` vs TRL `SFTTrainer` defaults\n\n"
             f"`{result['command']}` on {result['machine']}. {result['model']} + LoRA r16, {result['sequences']} "
             f"WordNet sequences, batch {result['batch_size']}, lr {result['learning_rate']}, one epoch, seed "
-            f"{result['seed']}; arms alternated A B A B, each run in its own process.\n\n" + "\n".join(lines) +
+            f"{result['seed']}, {result['threads'] or 'default'} CPU threads per arm; arms alternated A B A B, each run in its own process.\n\n" + "\n".join(lines) +
             f"\n\nMatmul peak ({m['n']}x{m['n']}, {m['threads']} threads, median): fp32 {m['float32_tflops_median']:.2f} "
             f"TFLOP/s, bf16 {m['bfloat16_tflops_median']:.2f} TFLOP/s. Training FLOP/s is an estimate: 6 x "
             "transformer-block parameters x real tokens/s, against the peak of the precision the arm trains in.\n")
@@ -252,11 +260,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dataset", default="wordnet-definitions")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--sequences", type=int, default=192)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--eval_samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, help="torch CPU threads for every arm (default: each arm's own)")
     parser.add_argument("--matmul_n", type=int, default=4096)
     parser.add_argument("--matmul_repeats", type=int, default=10)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
@@ -279,7 +288,7 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = {k: getattr(args, k) for k in ("model", "dataset", "sequences", "batch_size", "learning_rate",
-                                          "eval_samples", "seed", "matmul_n", "matmul_repeats")}
+                                          "eval_samples", "seed", "matmul_n", "matmul_repeats", "threads")}
     arms = {"ours": {}} | {v.split("=", 1)[0]: json.loads(v.split("=", 1)[1]) for v in args.variant}
     if not args.no_trl:
         arms["trl"] = None
@@ -307,7 +316,7 @@ def main() -> None:
                f"CPU ({platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores"
                f"{', AMX/AVX512-BF16' if __import__('hf_tuner.devices').devices.cpu_supports_bf16() else ''})")
     result = {"command": " ".join(["python", "benchmarks/bench_sft.py", *sys.argv[1:]]), "machine": machine,
-              **{k: spec[k] for k in ("model", "sequences", "batch_size", "learning_rate", "seed")},
+              **{k: spec[k] for k in ("model", "sequences", "batch_size", "learning_rate", "seed", "threads")},
               "pairs": args.pairs, "arms": summary, "matmul": matmul, "runs": runs,
               "bench_wall_s": time.perf_counter() - start}
     if "trl" in summary:
