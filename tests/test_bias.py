@@ -121,3 +121,17 @@ def test_bad_probe_file_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="at least two groups"):
         load_dimensions(one_group)
     assert DEFAULT_TERMS.is_file()
+
+
+def test_eval_bias_loads_a_lora_classifier_folder(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_tuner.evaluation.bias import evaluate_bias
+    from hf_tuner.models import load_model
+
+    model, tok = load_model("tiny-bert", "classification", num_labels=2)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    peft_model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    record = evaluate_bias(str(tmp_path / "model"), tmp_path / "out")
+    assert record["kind"] == "classifier" and (tmp_path / "out" / "bias.json").is_file()

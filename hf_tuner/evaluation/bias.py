@@ -211,6 +211,16 @@ def load_scored_model(model: str, adapter: str | None = None):
     from hf_tuner.models import check_model_source, load_model
 
     path = check_model_source(model)
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter is None and adapter_file.is_file():  # a LoRA classifier's model/ (adapter + head, with its base's path)
+        import json
+
+        if json.loads(adapter_file.read_text()).get("task_type") == "SEQ_CLS":
+            from peft import AutoPeftModelForSequenceClassification
+
+            from hf_tuner.models import load_tokenizer
+
+            return AutoPeftModelForSequenceClassification.from_pretrained(path).eval(), load_tokenizer(path)
     architectures = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
     task = "classification" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal-lm"
     if task == "causal-lm":
