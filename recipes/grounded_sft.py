@@ -69,7 +69,8 @@ def _questions(name: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in ("question", "answer")):
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
+                                                    for k in ("question", "answer")):
                 raise DataError(f"{path}:{i}: needs non-empty string fields `question` and `answer`")
             rows.append({"question": row["question"], "answer": row["answer"], "group": str(row.get("group", i))})
     return rows

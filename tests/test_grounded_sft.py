@@ -84,7 +84,8 @@ def test_recipe_trains_on_grounded_prompts_and_reports_three_conditions(tmp_path
     m = result.metrics
     for part in (m["base"], m["baselines"]["with retrieved context"], m["tuned"]):
         assert {"rougeL", "groundedness"} <= set(part) and 0 <= part["groundedness"] <= 1
-    assert m["retrieval"]["passages"] == len(THINGS)  # both paragraphs of a file fit one passage and m["train"]["eval_questions"] == 6
+    assert m["retrieval"]["passages"] == len(THINGS)  # both paragraphs of a file fit one passage
+    assert m["train"]["eval_questions"] == 6
     for name in ("metrics.json", "report.md", "generations.jsonl", "adapter/adapter_config.json"):
         assert (result.output_dir / name).exists(), name
     first = json.loads((result.output_dir / "generations.jsonl").read_text().splitlines()[0])

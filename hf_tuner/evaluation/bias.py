@@ -177,7 +177,8 @@ def bias_for_model(model, tokenizer, kind: str | None = None, terms: str | Path 
     scorer = {"classifier": lambda: classifier_scorer(model, tokenizer, batch_size),
               "reward": lambda: reward_scorer(model, tokenizer, batch_size),
               "generator": lambda: generator_scorer(model, tokenizer, max_new_tokens, min(batch_size, 16), seed)}[kind]()
-    return {"kind": kind, "score": SCORE_NAMES[kind], "terms": str(terms or DEFAULT_TERMS),
+    return {"kind": kind, "score": SCORE_NAMES[kind],
+            "terms": str(terms) if terms else "hf_tuner/evaluation/bias_terms.yaml",
             "dimensions": measure_bias(scorer, load_dimensions(terms), n_boot, seed)}
 
 
