@@ -85,7 +85,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
-    from hf_tuner.evaluation.bias import bias_for_model, bias_section
+    from hf_tuner.evaluation.bias import bias_for_model, bias_section, check_bias_terms
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import PreferenceTask
     from hf_tuner.generation import DecodingSettings
@@ -103,6 +103,7 @@ def train(config=None) -> RunResult:
                                                run.train_pairs, run.eval_samples, run.eval_snippets, run.min_gap,
                                                run.split_seed)
     check_batch(len(train_pairs), args, cfg.script.dataset_name or "vader-sentiment")
+    check_bias_terms(run.bias_terms)
     peft = peft_setup(run.peft_method, model_path, "classification", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_pairs)))
     out = prepare_output_dir(args, run)

@@ -90,7 +90,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.checkpoints import train_resumable
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
-    from hf_tuner.evaluation.bias import bias_for_model, bias_section
+    from hf_tuner.evaluation.bias import bias_for_model, bias_section, check_bias_terms
     from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
     from hf_tuner.generation import DecodingSettings
@@ -109,6 +109,7 @@ def train(config=None) -> RunResult:
         check_model_source(run.baseline_model)
     train_rows, held_rows = _data(cfg)
     check_batch(len(train_rows), args, cfg.script.dataset_name or "vader-sentiment")
+    check_bias_terms(run.bias_terms)
     if not run.truncation:
         tokenizer = load_tokenizer(model_path, revision=mcfg.model_revision)
         check_lengths([(r.get("where", r["text"][:40]), len(tokenizer(r["text"]).input_ids)) for r in train_rows],

@@ -135,3 +135,28 @@ def test_eval_bias_loads_a_lora_classifier_folder(tmp_path):
     tok.save_pretrained(tmp_path / "model")
     record = evaluate_bias(str(tmp_path / "model"), tmp_path / "out")
     assert record["kind"] == "classifier" and (tmp_path / "out" / "bias.json").is_file()
+
+
+def test_recipes_refuse_a_bad_probe_file_before_loading(tmp_path, monkeypatch):
+    from hf_tuner import models
+    from hf_tuner.config import ConfigError
+    from recipes.reward_model import train as train_reward
+    from recipes.sft_classification import train as train_classifier
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the probe file was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    bad = tmp_path / "terms.yaml"
+    bad.write_text("dimensions: [not, a, mapping")
+    for train, extra in ((train_classifier, {"baseline_model": "", "few_shot": 0}), (train_reward, {"eval_snippets": 40, "train_pairs": 40})):
+        with pytest.raises(ConfigError, match=r"bias_terms: .*terms.yaml: not valid YAML"):
+            train({"model_name_or_path": "tiny-bert", "dataset_name": str(_vader(tmp_path)), "bias_terms": str(bad),
+                   "output_dir": str(tmp_path / "run"), "eval_samples": 8, "peft_method": "full",
+                   "per_device_train_batch_size": 4, "max_steps": 1, "report_to": [], **extra})
+
+
+def _vader(tmp_path):
+    from conftest import write_vader_folder
+
+    return write_vader_folder(tmp_path / "vader")

@@ -29,37 +29,56 @@ class Dimension:
     groups: dict[str, list[dict]]  # group -> terms, each term a mapping slot -> text
 
 
+class BiasTermsError(ValueError):
+    """A probe file that cannot be used; a recipe reports it like a bad config field (exit status 2)."""
+
+
 def load_dimensions(path: str | Path | None = None) -> list[Dimension]:
     """Read and check a probe file; errors name the file, dimension and template."""
     path = Path(path) if path else DEFAULT_TERMS
     if not path.is_file():
-        raise ValueError(f"bias terms file not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raise BiasTermsError(f"bias terms file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise BiasTermsError(f"{path}: not valid YAML: {e}") from e
     dims = data.get("dimensions") if isinstance(data, dict) else None
     if not isinstance(dims, dict) or not dims:
-        raise ValueError(f"{path}: needs a `dimensions` mapping (see {DEFAULT_TERMS})")
+        raise BiasTermsError(f"{path}: needs a `dimensions` mapping (see {DEFAULT_TERMS})")
     out = []
     for name, spec in dims.items():
+        if not isinstance(spec, dict):
+            raise BiasTermsError(f"{path}: dimension {name!r} must be a mapping with templates and groups")
         slot = spec.get("slot")
         templates, groups = spec.get("templates") or [], spec.get("groups") or {}
         if not templates or len(groups) < 2:
-            raise ValueError(f"{path}: dimension {name!r} needs templates and at least two groups")
+            raise BiasTermsError(f"{path}: dimension {name!r} needs templates and at least two groups")
         terms = {}
         for group, items in groups.items():
             if not items:
-                raise ValueError(f"{path}: {name}.{group} has no terms")
+                raise BiasTermsError(f"{path}: {name}.{group} has no terms")
             terms[str(group)] = [t if isinstance(t, dict) else {slot: str(t)} for t in items]
             if any(None in t for t in terms[str(group)]):
-                raise ValueError(f"{path}: {name}: plain-string terms need the dimension's `slot`")
+                raise BiasTermsError(f"{path}: {name}: plain-string terms need the dimension's `slot`")
         for template in templates:
             slots = {f for _, f, _, _ in string.Formatter().parse(template) if f}
             for group, items in terms.items():
                 for term in items:
                     if not slots <= set(term):
-                        raise ValueError(f"{path}: {name}.{group} term {term} lacks {sorted(slots - set(term))} "
+                        raise BiasTermsError(f"{path}: {name}.{group} term {term} lacks {sorted(slots - set(term))} "
                                          f"for template {template!r}")
         out.append(Dimension(str(name), [str(t) for t in templates], terms))
     return out
+
+
+def check_bias_terms(path: str | Path | None) -> None:
+    """A recipe's `bias_terms` field, checked before any model loads (ConfigError naming the field)."""
+    from hf_tuner.config import ConfigError
+
+    try:
+        load_dimensions(path)
+    except BiasTermsError as e:
+        raise ConfigError(f"bias_terms: {e}") from e
 
 
 def counterfactual_texts(dim: Dimension) -> list[tuple[int, str, str]]:
