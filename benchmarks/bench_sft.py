@@ -1,12 +1,14 @@
 """SFT throughput and memory: our `sft_instruction` recipe against a plain TRL `SFTTrainer` script.
 
-    python benchmarks/bench_sft.py [--model smollm2-135m-instruct|tiny-llama] [--pairs 3] [--sequences 192] [--threads N]
+    python benchmarks/bench_sft.py [--model smollm2-135m-instruct|tiny-llama] [--pairs 3] [--sequences 192]
+                                   [--threads N]
     make bench                     # this, then benchmarks/bench_generation.py; results in runs/bench/
 
 Both arms train the same model with LoRA (r 16, alpha 32, dropout 0.05, all linear layers) on the same
 `--sequences` WordNet examples (the recipe's own split and order), one epoch, same batch size, learning rate,
-schedule (TRL's: linear, no warmup) and seed. The TRL arm is TRL's documented defaults otherwise (bf16, gradient checkpointing, linear schedule,
-full max_length, random sampler, its fused LM head), plus `use_cpu=True` on a CPU, which TRL needs there.
+schedule (TRL's: linear, no warmup) and seed. The TRL arm is TRL's documented defaults otherwise (bf16,
+gradient checkpointing, max_length 1024, random sampler, its fused LM head), plus `use_cpu=True` on a CPU,
+which TRL needs there.
 Arms alternate A B A B (`--pairs` pairs), each in its own subprocess, so a figure is that run's own (peak RSS
 of the process; peak GPU memory on a GPU) and CPU contention from other jobs falls on both arms alike.
 
@@ -242,10 +244,12 @@ def markdown(result: dict) -> str:
     text = (f"# SFT throughput: hf-tuner `sft_instruction` vs TRL `SFTTrainer` defaults\n\n"
             f"`{result['command']}` on {result['machine']}. {result['model']} + LoRA r16, {result['sequences']} "
             f"WordNet sequences, batch {result['batch_size']}, lr {result['learning_rate']}, one epoch, seed "
-            f"{result['seed']}, {result['threads'] or 'default'} CPU threads per arm; arms alternated A B A B, each run in its own process.\n\n" + "\n".join(lines) +
-            f"\n\nMatmul peak ({m['n']}x{m['n']}, {m['threads']} threads, median): fp32 {m['float32_tflops_median']:.2f} "
-            f"TFLOP/s, bf16 {m['bfloat16_tflops_median']:.2f} TFLOP/s. Training FLOP/s is an estimate: 6 x "
-            "transformer-block parameters x real tokens/s, against the peak of the precision the arm trains in.\n")
+            f"{result['seed']}, {result['threads'] or 'default'} CPU threads per arm; arms alternated A B A B, "
+            "each run in its own process.\n\n" + "\n".join(lines) +
+            f"\n\nMatmul peak ({m['n']}x{m['n']}, {m['threads']} threads, median): fp32 "
+            f"{m['float32_tflops_median']:.2f} TFLOP/s, bf16 {m['bfloat16_tflops_median']:.2f} TFLOP/s. Training "
+            "FLOP/s is an estimate: 6 x transformer-block parameters x real tokens/s, against the peak of the "
+            "precision the arm trains in.\n")
     if "generation" in result:
         g = result["generation"]
         text += (f"\nGeneration ({g['prompts']} prompts, {g['max_new_tokens']} new tokens, greedy): batched "
