@@ -15,7 +15,7 @@ def cuda_available() -> bool:
 def cpu_supports_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """AMX or AVX512-BF16: bf16 matmuls run natively there (bf16 autocast trained 1.27x faster than fp32 in
     benchmarks/bench_sft.py on this project's CPUs, held-out loss 1.9% above fp32's after 6 steps; the matmul
-    peak is 2.5x). Elsewhere bf16 is emulated and slower than fp32, so we fall back to fp32; so does a machine
+    peak is 2.4x). Elsewhere bf16 is emulated and slower than fp32, so we fall back to fp32; so does a machine
     whose flags we cannot read."""
     try:
         text = Path(cpuinfo).read_text()
