@@ -112,6 +112,23 @@ def check_peft_fits(method: str, peft_config, model_path: str, task: str) -> Non
         get_peft_model(skeleton, copy.deepcopy(peft_config))
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:
         raise PeftMethodError(f"peft_method {method!r} does not fit {config.model_type} ({task}): {e}") from e
+    if method == "prefix-tuning" and task in ("classification", "masked-lm") and not _takes_past_key_values(skeleton):
+        # PEFT's sequence/token classification wrappers hand the prefixes over as a `past_key_values` argument
+        # and only find out in the first forward pass that the model has none (transformers 5.24 renamed it
+        # `cache`); causal LM and seq2seq wrappers pass it through **kwargs, which still works
+        raise PeftMethodError(f"peft_method 'prefix-tuning' does not fit {config.model_type} ({task}): its forward "
+                              "takes no past_key_values, which prefix-tuning feeds its prefixes through; use "
+                              "prompt-tuning, p-tuning or lora")
+
+
+def _takes_past_key_values(model) -> bool:
+    """Whether the model, or its backbone (what PEFT falls back to), accepts `past_key_values`."""
+    import inspect
+
+    if "past_key_values" in inspect.signature(model.forward).parameters:
+        return True
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
 
 
 # Task heads that stay in full precision: they are trained (PEFT's modules_to_save), and int8/4-bit
