@@ -8,7 +8,9 @@ Both arms train the same model with LoRA (r 16, alpha 32, dropout 0.05, all line
 `--sequences` WordNet examples (the recipe's own split and order), one epoch, same batch size, learning rate,
 schedule (TRL's: linear, no warmup) and seed. The TRL arm is TRL's documented defaults otherwise (bf16,
 gradient checkpointing, max_length 1024, random sampler, its fused LM head), plus `use_cpu=True` on a CPU,
-which TRL needs there.
+which TRL needs there, and `bf16=False` on a CPU without native bf16 (AMX / AVX512-BF16), where TRL's bf16
+default would emulate every matmul (`--trl_keep_bf16` keeps it). Our arm takes the same sequences per optimizer
+step in the recipe's own micro-batches (gradient accumulation).
 Arms alternate A B A B (`--pairs` pairs), each in its own subprocess, so a figure is that run's own (peak RSS
 of the process; peak GPU memory on a GPU) and CPU contention from other jobs falls on both arms alike.
 
@@ -111,11 +113,16 @@ def worker_ours(spec: dict) -> dict:
     from recipes.sft_instruction import train
 
     config = yaml.safe_load((REPO / "recipes/configs/sft_instruction.yaml").read_text())
+    # the same `batch_size` sequences per optimizer step as TRL's arm, in the recipe's own micro-batches
+    micro = min(config["per_device_train_batch_size"], spec["batch_size"])
+    if spec["batch_size"] % micro:
+        raise SystemExit(f"--batch_size {spec['batch_size']} is not a multiple of the recipe's micro-batch {micro}")
     config.update({"model_name_or_path": spec["model"], "dataset_name": spec["dataset"],
                    "output_dir": spec["output_dir"], "overwrite_output_dir": True, "evaluate_base": False,
                    "few_shot": 0, "eval_samples": spec["eval_samples"], "eval_max_new_tokens": 8,
                    "train_samples": spec["sequences"], "num_train_epochs": 1, "max_steps": -1,
-                   "per_device_train_batch_size": spec["batch_size"], "learning_rate": spec["learning_rate"],
+                   "per_device_train_batch_size": micro, "gradient_accumulation_steps": spec["batch_size"] // micro,
+                   "learning_rate": spec["learning_rate"],
                    "seed": spec["seed"], "report_to": ["none"], "logging_steps": 5, **LORA, **SAME_SCHEDULE,
                    **({"num_threads": spec["threads"]} if spec.get("threads") else {}), **spec.get("overrides", {})})
     result = train(config)
@@ -127,7 +134,8 @@ def worker_ours(spec: dict) -> dict:
             "steps": t["steps"], "train_loss": t["train_loss"], "bf16": t["bf16"],
             "eval_loss": held_out_loss(result.model, result.tokenizer, held_rows),
             "peak_memory_mb": memory, "memory_kind": kind, "block_params": _block_parameters(result.model),
-            "config": {k: resolved.get(k) for k in ("gradient_checkpointing", "train_sampling_strategy", "packing",
+            "config": {k: resolved.get(k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                    "gradient_checkpointing", "train_sampling_strategy", "packing",
                                                     "compact_loss", "bf16", "max_length", "lr_scheduler_type")}}
 
 
@@ -144,7 +152,15 @@ def worker_trl(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     train_rows, held_rows = _rows(spec)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in train_rows])
-    args = SFTConfig(output_dir=spec["output_dir"], use_cpu=not torch.cuda.is_available(),
+    from hf_tuner.devices import cpu_supports_bf16
+
+    # TRL's bf16 default on a CPU without AMX/AVX512-BF16 runs every matmul emulated (measured on an AMD EPYC
+    # without them: bf16 matmul 0.0009 TFLOP/s against fp32's 0.08), hours for this bench: unless
+    # --trl_keep_bf16, the TRL arm then trains in fp32 like ours, and the report says so
+    extra = {}
+    if not torch.cuda.is_available() and not cpu_supports_bf16() and not spec.get("trl_keep_bf16"):
+        extra["bf16"] = False
+    args = SFTConfig(output_dir=spec["output_dir"], use_cpu=not torch.cuda.is_available(), **extra,
                      per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
                      learning_rate=spec["learning_rate"], seed=spec["seed"], report_to="none", save_strategy="no")
     peft_config = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
@@ -161,6 +177,7 @@ def worker_trl(spec: dict) -> dict:
             "eval_loss": held_out_loss(trainer.model, trainer.processing_class, held_rows),
             "peak_memory_mb": memory, "memory_kind": kind, "block_params": _block_parameters(trainer.model),
             "config": {"gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
+                       "bf16_turned_off": "bf16" in extra,
                        "max_length": args.max_length, "packing": args.packing,
                        "lr_scheduler_type": str(args.lr_scheduler_type)}}
 
@@ -245,7 +262,10 @@ def markdown(result: dict) -> str:
             f"`{result['command']}` on {result['machine']}. {result['model']} + LoRA r16, {result['sequences']} "
             f"WordNet sequences, batch {result['batch_size']}, lr {result['learning_rate']}, one epoch, seed "
             f"{result['seed']}, {result['threads'] or 'default'} CPU threads per arm; arms alternated A B A B, "
-            "each run in its own process.\n\n" + "\n".join(lines) +
+            "each run in its own process." +
+            (" This CPU has no native bf16, so the TRL arm trains in fp32 (its bf16 default turned off, as ours "
+             "does by itself)." if arms.get("trl", {}).get("config", {}).get("bf16_turned_off") else "") +
+            "\n\n" + "\n".join(lines) +
             f"\n\nMatmul peak ({m['n']}x{m['n']}, {m['threads']} threads, median): fp32 "
             f"{m['float32_tflops_median']:.2f} TFLOP/s, bf16 {m['bfloat16_tflops_median']:.2f} TFLOP/s. Training "
             "FLOP/s is an estimate: 6 x transformer-block parameters x real tokens/s, against the peak of the "
@@ -275,6 +295,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="an extra arm: our recipe with these field overrides")
     parser.add_argument("--no_trl", action="store_true")
+    parser.add_argument("--trl_keep_bf16", action="store_true",
+                        help="keep TRL's bf16 default even on a CPU without native bf16 (very slow there)")
     parser.add_argument("--generation_json", help="bench_generation.py output to fold into the table")
     parser.add_argument("--output_dir", default="runs/bench")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -292,7 +314,8 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = {k: getattr(args, k) for k in ("model", "dataset", "sequences", "batch_size", "learning_rate",
-                                          "eval_samples", "seed", "matmul_n", "matmul_repeats", "threads")}
+                                          "eval_samples", "seed", "matmul_n", "matmul_repeats", "threads",
+                                          "trl_keep_bf16")}
     arms = {"ours": {}} | {v.split("=", 1)[0]: json.loads(v.split("=", 1)[1]) for v in args.variant}
     if not args.no_trl:
         arms["trl"] = None
