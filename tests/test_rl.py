@@ -182,3 +182,74 @@ def test_dpo_recipe_smoke_run(tmp_path, tiny_llama):
     assert result.metrics["train"]["algorithm"] == "dpo"
     assert {"mean_reward", "kl"} <= set(result.metrics["tuned"]) and result.metrics["tuned"]["kl"] != 0.0
     assert (result.output_dir / "policy" / "adapter_config.json").exists()
+
+
+_TRAINING_CALLS = []
+
+
+def sigterm_reward(prompts, responses):
+    """length_reward, and a SIGTERM to this process during the third training step's scoring (a user's
+    `kill` mid-run). Only calls made while the run's signal handler is installed count: the base
+    evaluation's calls come before it."""
+    import signal
+
+    if type(getattr(signal.getsignal(signal.SIGTERM), "__self__", None)).__name__ == "StopOnSignal":
+        _TRAINING_CALLS.append(len(prompts))
+        if len(_TRAINING_CALLS) == 3:
+            signal.raise_signal(signal.SIGTERM)
+    return length_reward(prompts, responses)
+
+
+def _history_and_weights(run_dir, weights="policy/adapter_model.safetensors"):
+    from safetensors.torch import load_file
+
+    history = json.loads((run_dir / "rl_history.json").read_text())
+    return history, load_file(str(run_dir / weights))
+
+
+def _assert_same_run(a, b):
+    (ha, wa), (hb, wb) = a, b
+    assert len(ha) == len(hb)
+    for ra, rb in zip(ha, hb):
+        for k in ("reward", "kl", "pg_loss", "vf_loss", "approx_kl"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+
+
+def test_ppo_sigterm_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(tmp_path, tiny_llama):
+    """Our PPO loop (not a Trainer): SIGTERM at step 3 saves checkpoint-3 and stops with exit code 143;
+    --resume_from_checkpoint latest finishes the run with the same per-step statistics and adapter as a run
+    that was never stopped (RNG, prompt order, optimizer, scheduler and value head all restored)."""
+    from hf_tuner.checkpoints import RunInterrupted, is_complete
+    from recipes.ppo_rlhf import train
+
+    uninterrupted = train(_rl_config(tmp_path, tiny_llama, output_dir=str(tmp_path / "a"), save_strategy="no"))
+    cfg = _rl_config(tmp_path, tiny_llama, output_dir=str(tmp_path / "b"), save_strategy="no",
+                     reward_model="test_rl:sigterm_reward")
+    _TRAINING_CALLS.clear()
+    with pytest.raises(RunInterrupted) as stopped:
+        train(cfg)
+    assert stopped.value.step == 3 and stopped.value.exit_code == 143
+    assert stopped.value.checkpoint == tmp_path / "b" / "checkpoint-3" and is_complete(stopped.value.checkpoint)
+    assert not (tmp_path / "b" / "policy").exists()  # stopped before the end
+    resumed = train({**cfg, "resume_from_checkpoint": "latest"})
+    assert len(_TRAINING_CALLS) == 6  # 3 steps, then 3 more after the resume: no step ran twice
+    _assert_same_run(_history_and_weights(uninterrupted.output_dir), _history_and_weights(resumed.output_dir))
+
+
+def test_ppo_full_fine_tuning_resumes_from_a_periodic_checkpoint(tmp_path, tiny_llama):
+    """save_steps 2 writes checkpoint-2, -4, -6; a new run resumed from checkpoint-2 (as after a SIGKILL
+    at step 3) ends with the same statistics and weights as the uninterrupted full fine-tuning run."""
+    from recipes.ppo_rlhf import train
+
+    cfg = _rl_config(tmp_path, tiny_llama, peft_method="full", learning_rate=1e-4, save_strategy="steps",
+                     save_steps=2, output_dir=str(tmp_path / "a"))
+    first = train(cfg)
+    assert sorted(p.name for p in first.output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
+                                                                             "checkpoint-6"]
+    resumed = train({**cfg, "output_dir": str(tmp_path / "b"),
+                     "resume_from_checkpoint": str(first.output_dir / "checkpoint-2")})
+    weights = "policy/model.safetensors"
+    _assert_same_run(_history_and_weights(first.output_dir, weights), _history_and_weights(resumed.output_dir, weights))

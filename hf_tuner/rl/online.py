@@ -14,9 +14,14 @@ TRL_NAMES = {"reward": "reward", "kl": "kl", "entropy": "entropy", "clip_ratio/r
 
 
 def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_model=None, out: Path | None = None):
-    """Our PPO for args.max_steps steps of per_device_train_batch_size prompts each. Returns (model, history)."""
+    """Our PPO for args.max_steps steps of per_device_train_batch_size prompts each. Returns (model, history).
+
+    Checkpoints and resume follow the Trainer recipes (hf_tuner.checkpoints): `checkpoint-N` every save_steps
+    with save_strategy "steps", `--resume_from_checkpoint latest` or `resume: auto`; SIGINT / SIGTERM save
+    one after the current step and raise RunInterrupted. A resumed run repeats the uninterrupted one."""
     from tqdm.auto import tqdm
 
+    from hf_tuner.checkpoints import RunInterrupted, StopOnSignal, resolve_resume, set_aside_incomplete
     from hf_tuner.rl.ppo import PPOTrainer
 
     trainer = PPOTrainer(model, tokenizer, reward_fn, args, ppo, ref_model=ref_model)
@@ -24,20 +29,55 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
     rng = random.Random(args.seed)
     mine = prompts[acc.process_index::acc.num_processes]  # each process rolls out its own share of prompts
     order: list[str] = []
+    start = 0
+    checkpoint = resolve_resume(args, ppo, out) if out is not None else None
+    if checkpoint:
+        if Path(checkpoint).parent.resolve() == out.resolve():
+            set_aside_incomplete(out, Path(checkpoint))
+        loop = trainer.load_checkpoint(checkpoint)
+        rng.setstate(_as_tuples(loop["rng"]))
+        order, start = loop["order"], len(trainer.history)
+        print(f"resuming from {checkpoint} (step {start})")
+
+    def save(step: int) -> Path:
+        folder = out / f"checkpoint-{step}"
+        trainer.save_checkpoint(folder, {"rng": rng.getstate(), "order": order})
+        return folder
+
+    save_every = 0
+    if args.save_strategy == "steps" and args.save_steps:  # a save_steps below 1 is a fraction of max_steps
+        save_every = int(args.save_steps) if args.save_steps >= 1 else max(1, round(args.save_steps * args.max_steps))
     writer = _tensorboard(args, out) if acc.is_main_process else None
-    bar = tqdm(range(args.max_steps), desc="ppo", unit="step", disable=not acc.is_main_process)
-    for step in bar:
-        if len(order) < args.per_device_train_batch_size:
-            order += rng.sample(mine, len(mine))
-        batch, order = order[:args.per_device_train_batch_size], order[args.per_device_train_batch_size:]
-        record = trainer.step(batch)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.2f}")
+    stop = StopOnSignal()
+    stop.on_train_begin(args, None, None)
+    bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="ppo", unit="step",
+               disable=not acc.is_main_process)
+    try:
+        for step in bar:
+            if len(order) < args.per_device_train_batch_size:
+                order += rng.sample(mine, len(mine))
+            batch, order = order[:args.per_device_train_batch_size], order[args.per_device_train_batch_size:]
+            record = trainer.step(batch)
+            bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.2f}")
+            if writer is not None:
+                for k, v in record.items():
+                    writer.add_scalar(f"ppo/{k}", v, step + 1)
+            signum = stop._agreed_signal(args)
+            periodic = save_every and (step + 1) % save_every == 0
+            if out is not None and (periodic or signum):
+                saved = save(step + 1)
+            if signum:
+                raise RunInterrupted(signum, step + 1, saved if out is not None else None)
+    finally:
+        stop.on_train_end(args, None, None)
         if writer is not None:
-            for k, v in record.items():
-                writer.add_scalar(f"ppo/{k}", v, step + 1)
-    if writer is not None:
-        writer.close()
+            writer.close()
     return trainer.model, trainer.history
+
+
+def _as_tuples(value):
+    """random.Random state back from JSON lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _tensorboard(args, out: Path | None):
@@ -62,7 +102,10 @@ def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], a
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
     shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
               "logging_steps", "use_cpu", "bf16", "lr_scheduler_type", "weight_decay", "max_grad_norm", "report_to")
-    config = config_cls(output_dir=str(out / "trl"), save_strategy="no", gradient_checkpointing=False,
+    # one of our steps is ppo_epochs of TRL's (num_iterations), so save_steps scales the same way
+    config = config_cls(output_dir=str(out / "trl"), save_strategy=args.save_strategy,
+                        save_steps=args.save_steps * (ppo.ppo_epochs if args.save_steps >= 1 else 1),
+                        gradient_checkpointing=False,
                         num_generations=num_generations, max_completion_length=ppo.response_length,
                         temperature=ppo.temperature, top_k=0, top_p=1.0, beta=ppo.kl_coef, epsilon=ppo.cliprange,
                         num_iterations=ppo.ppo_epochs, max_steps=args.max_steps * ppo.ppo_epochs,

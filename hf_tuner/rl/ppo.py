@@ -329,6 +329,63 @@ class PPOTrainer:
         if not math.isfinite(record["pg_loss"]):
             raise FloatingPointError(f"step {record['step']}: the policy loss is {record['pg_loss']}")
 
+    # ---- checkpoints: everything the next step depends on, so a resumed run repeats the uninterrupted one ----
+
+    def save_checkpoint(self, folder, loop_state: dict) -> None:
+        """Policy weights (adapter, or the whole model), value head, optimizer, scheduler, KL coefficient and
+        history (rank 0), each rank's RNG state and `loop_state` (JSON: its prompt order). trainer_state.json
+        goes last, after every rank has written, so a folder without it is a save that did not finish
+        (hf_tuner.checkpoints.is_complete)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file, save_model
+
+        acc, folder = self.accelerator, Path(folder)
+        if acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        rank = acc.process_index
+        torch.save(torch.get_rng_state(), folder / f"rng_state_{rank}.pt")
+        (folder / f"loop_state_{rank}.json").write_text(json.dumps(loop_state))
+        if acc.is_main_process:
+            if hasattr(self.model, "peft_config"):
+                self.model.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json
+            else:
+                save_model(self.model, str(folder / "model.safetensors"))  # drops tied duplicates, reloads exactly
+            save_file(acc.unwrap_model(self.value_head).state_dict(), str(folder / "value_head.safetensors"))
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+            (folder / "ppo_state.json").write_text(json.dumps({"kl_coef": self.kl.value, "history": self.history}))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": len(self.history)}))
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, folder) -> dict:
+        """Restore what save_checkpoint wrote; returns this rank's `loop_state`. torch.load: weights_only."""
+        import json
+        from pathlib import Path
+
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file, load_model
+
+        folder, rank = Path(folder), self.accelerator.process_index
+        if not (folder / f"loop_state_{rank}.json").is_file():
+            raise ValueError(f"{folder} was saved by a run with fewer processes (no state for rank {rank})")
+        if hasattr(self.model, "peft_config"):
+            set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")))
+        else:
+            load_model(self.model, str(folder / "model.safetensors"))
+        self.accelerator.unwrap_model(self.value_head).load_state_dict(
+            load_file(str(folder / "value_head.safetensors")))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(folder / f"rng_state_{rank}.pt", weights_only=True))
+        state = json.loads((folder / "ppo_state.json").read_text())
+        self.kl.value, self.history = state["kl_coef"], state["history"]
+        return json.loads((folder / f"loop_state_{rank}.json").read_text())
+
     def save(self, output_dir) -> None:
         from pathlib import Path
 
