@@ -127,24 +127,32 @@ class StopOnSignal(TrainerCallback):
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
               "(send it again to stop at once)", flush=True)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def install(self) -> None:
+        """Take over SIGINT / SIGTERM (main thread only: Python delivers signals there)."""
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
 
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.install()
+
     def on_step_end(self, args, state, control, **kwargs):
-        signum = self._agreed_signal(args)
+        signum = self.agreed_signal(args)
         if signum:
             self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous.clear()
+        self.restore()
 
-    def _agreed_signal(self, args) -> int:
+    def agreed_signal(self, args) -> int:
+        """The signal to stop on, the same on every rank (0: none); call it at the same point on all ranks."""
         import torch
         import torch.distributed as dist
 
@@ -155,13 +163,19 @@ class StopOnSignal(TrainerCallback):
         return int(flag.item())
 
 
-def train_resumable(trainer, run, output_dir: Path):
-    """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
-    checkpoint = resolve_resume(trainer.args, run, output_dir)
+def resume_point(training, run, output_dir: Path) -> str | None:
+    """resolve_resume, then the half-written checkpoints newer than the chosen one set aside."""
+    checkpoint = resolve_resume(training, run, output_dir)
     if checkpoint:
         if Path(checkpoint).parent.resolve() == output_dir.resolve():
             set_aside_incomplete(output_dir, Path(checkpoint))
         print(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def train_resumable(trainer, run, output_dir: Path):
+    """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
+    checkpoint = resume_point(trainer.args, run, output_dir)
     stop = StopOnSignal()
     trainer.add_callback(stop)
     try:

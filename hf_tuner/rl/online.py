@@ -21,7 +21,7 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
     one after the current step and raise RunInterrupted. A resumed run repeats the uninterrupted one."""
     from tqdm.auto import tqdm
 
-    from hf_tuner.checkpoints import RunInterrupted, StopOnSignal, resolve_resume, set_aside_incomplete
+    from hf_tuner.checkpoints import RunInterrupted, StopOnSignal, resume_point
     from hf_tuner.rl.ppo import PPOTrainer
 
     trainer = PPOTrainer(model, tokenizer, reward_fn, args, ppo, ref_model=ref_model)
@@ -30,14 +30,11 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
     mine = prompts[acc.process_index::acc.num_processes]  # each process rolls out its own share of prompts
     order: list[str] = []
     start = 0
-    checkpoint = resolve_resume(args, ppo, out) if out is not None else None
+    checkpoint = resume_point(args, ppo, out) if out is not None else None
     if checkpoint:
-        if Path(checkpoint).parent.resolve() == out.resolve():
-            set_aside_incomplete(out, Path(checkpoint))
         loop = trainer.load_checkpoint(checkpoint)
         rng.setstate(_as_tuples(loop["rng"]))
         order, start = loop["order"], len(trainer.history)
-        print(f"resuming from {checkpoint} (step {start})")
 
     def save(step: int) -> Path:
         folder = out / f"checkpoint-{step}"
@@ -49,7 +46,7 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
         save_every = int(args.save_steps) if args.save_steps >= 1 else max(1, round(args.save_steps * args.max_steps))
     writer = _tensorboard(args, out) if acc.is_main_process else None
     stop = StopOnSignal()
-    stop.on_train_begin(args, None, None)
+    stop.install()
     bar = tqdm(range(start, args.max_steps), initial=start, total=args.max_steps, desc="ppo", unit="step",
                disable=not acc.is_main_process)
     try:
@@ -62,14 +59,14 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
             if writer is not None:
                 for k, v in record.items():
                     writer.add_scalar(f"ppo/{k}", v, step + 1)
-            signum = stop._agreed_signal(args)
+            signum = stop.agreed_signal(args)
             periodic = save_every and (step + 1) % save_every == 0
             if out is not None and (periodic or signum):
                 saved = save(step + 1)
             if signum:
                 raise RunInterrupted(signum, step + 1, saved if out is not None else None)
     finally:
-        stop.on_train_end(args, None, None)
+        stop.restore()
         if writer is not None:
             writer.close()
     return trainer.model, trainer.history
