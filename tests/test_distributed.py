@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import WORDS, subprocess_env, write_jsonl
@@ -157,3 +158,41 @@ def test_cpu_flag_with_several_processes_is_refused(tmp_path, tiny_llama, monkey
     assert "asked for 2 processes but this process sees world size 1" in proc.stderr
     assert 'sft_instruction.py", line' not in proc.stderr  # no traceback from the recipe itself
     assert not (tmp_path / "one").exists()
+
+
+def test_ppo_two_processes_resume_from_a_checkpoint_repeats_the_run(tmp_path, tiny_llama):
+    """Our PPO loop under cpu_ddp.yaml: each rank saves its own RNG state and prompt order into checkpoint-2;
+    a new 2-process run resumed from it ends with the same per-step statistics and adapter weights."""
+    prompts = [{"prompt": f"the {w} was {i}"} for i in range(5) for w in WORDS[:8]]
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp_path / "a"),
+           "reward_model": "test_rl:length_reward", "eval_samples": 8, "peft_method": "lora", "lora_r": 8,
+           "lora_target_modules": ["all-linear"], "per_device_train_batch_size": 4, "max_steps": 4,
+           "learning_rate": 3e-3, "response_length": 8, "temperature": 1.0, "ppo_epochs": 2, "num_mini_batches": 2,
+           "eval_batch_size": 8, "report_to": [], "bf16": False, "seed": 0, "num_threads": 1,
+           "save_strategy": "steps", "save_steps": 2}
+    recipe = str(ROOT / "recipes" / "ppo_rlhf.py")
+    env = {k: v for k, v in subprocess_env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env["PYTHONPATH"] += os.pathsep + str(ROOT / "tests")  # the reward function lives in tests/test_rl.py
+    for name, extra in (("a", {}), ("b", {"output_dir": str(tmp_path / "b"),
+                                          "resume_from_checkpoint": str(tmp_path / "a" / "checkpoint-2")})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**cfg, **extra}))
+        run = subprocess.run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
+                              "--main_process_port", str(_free_port()), recipe, "--config",
+                              str(tmp_path / f"{name}.yaml")], env=env, capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert {p.name for p in checkpoint.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
+    orders = [json.loads((checkpoint / f"loop_state_{r}.json").read_text())["order"] for r in (0, 1)]
+    assert not set(orders[0]) & set(orders[1])  # each rank rolls out its own share of the prompts
+    from safetensors.torch import load_file
+
+    history = [json.loads((tmp_path / n / "rl_history.json").read_text()) for n in ("a", "b")]
+    assert len(history[0]) == len(history[1]) == 4
+    for ra, rb in zip(*history):
+        for k in ("reward", "kl", "pg_loss", "vf_loss"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    wa, wb = (load_file(str(tmp_path / n / "policy" / "adapter_model.safetensors")) for n in ("a", "b"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
