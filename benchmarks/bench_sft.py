@@ -194,7 +194,7 @@ def worker_matmul(spec: dict) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         n, repeats = spec["matmul_n"], spec["matmul_repeats"]
         if dtype == torch.bfloat16 and device == "cpu" and not cpu_supports_bf16():
-            # emulated bf16 runs near 1/100 of fp32 here: a 4096 matmul would take minutes per call
+            # emulated bf16 runs near 1/80 of fp32 here: a 4096 matmul would take minutes per call
             n, repeats = min(n, 1024), min(repeats, 3)
             out["bfloat16_n"] = n
         a = torch.randn(n, n, device=device, dtype=dtype)

@@ -36,11 +36,6 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
         rng.setstate(_as_tuples(loop["rng"]))
         order, start = loop["order"], len(trainer.history)
 
-    def save(step: int) -> Path:
-        folder = out / f"checkpoint-{step}"
-        trainer.save_checkpoint(folder, {"rng": rng.getstate(), "order": order})
-        return folder
-
     save_every = 0
     if args.save_strategy == "steps" and args.save_steps:  # a save_steps below 1 is a fraction of max_steps
         save_every = int(args.save_steps) if args.save_steps >= 1 else max(1, round(args.save_steps * args.max_steps))
@@ -59,12 +54,12 @@ def train_ppo(model, tokenizer, reward_fn, prompts: list[str], args, ppo, ref_mo
             if writer is not None:
                 for k, v in record.items():
                     writer.add_scalar(f"ppo/{k}", v, step + 1)
-            signum = stop.agreed_signal(args)
-            periodic = save_every and (step + 1) % save_every == 0
-            if out is not None and (periodic or signum):
-                saved = save(step + 1)
+            signum, saved = stop.agreed_signal(args), None
+            if out is not None and (signum or (save_every and (step + 1) % save_every == 0)):
+                saved = out / f"checkpoint-{step + 1}"
+                trainer.save_checkpoint(saved, {"rng": rng.getstate(), "order": order})
             if signum:
-                raise RunInterrupted(signum, step + 1, saved if out is not None else None)
+                raise RunInterrupted(signum, step + 1, saved)
     finally:
         stop.restore()
         if writer is not None:
