@@ -1,4 +1,4 @@
-"""`hf-tuner` command line: assets, train, eval, tokenizer, score, compare, merge, generate, label, report."""
+"""`hf-tuner` command line: assets, train, config, eval, tokenizer, score, compare, merge, generate, label, report."""
 
 from __future__ import annotations
 
@@ -32,8 +32,19 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.recipe is None:  # `hf-tuner train --help`; with a recipe, --help goes to it (its fields, grouped)
+        print("usage: hf-tuner train RECIPE [--config FILE] [--FIELD VALUE ...]\n\nrecipes: " + ", ".join(RECIPES)
+              + "\n\nhf-tuner train RECIPE --help: the recipe's fields; hf-tuner config RECIPE: all of them")
+        return 0 if {"-h", "--help"} & set(rest) else 2
     module = importlib.import_module(f"recipes.{args.recipe}")
     module.main(rest)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from hf_tuner.config_reference import render_text
+
+    print(render_text(args.recipe), end="")
     return 0
 
 
@@ -207,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     p_assets = sub.add_parser("assets", help="fetch, list or locate the offline assets")
     p_assets.add_argument("action", choices=["fetch", "list", "path"])
     p_assets.add_argument("names", nargs="*", help=f"asset names (default for fetch: {' '.join(assets.DEFAULT_FETCH)})")
-    p_train = sub.add_parser("train", help="run a recipe: hf-tuner train RECIPE --config FILE [--key value ...]")
-    p_train.add_argument("recipe", choices=RECIPES)
+    p_train = sub.add_parser("train", add_help=False,
+                             help="run a recipe: hf-tuner train RECIPE --config FILE [--key value ...]")
+    p_train.add_argument("recipe", nargs="?", choices=RECIPES)
+    p_config = sub.add_parser("config", help="every field a recipe accepts: name, type, default, help, library")
+    p_config.add_argument("recipe", choices=RECIPES)
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint (and adapter) under baselines x decoding strategies")
     p_eval.add_argument("--model", required=True, help="asset name, local folder or Hub id")
     p_eval.add_argument("--adapter", help="a PEFT adapter folder to put on the model")
@@ -290,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"assets": _assets, "eval": _eval, "score": _score, "compare": _compare, "merge": _merge,
-                "generate": _generate, "label": _label, "report": _report,
+        return {"assets": _assets, "config": _config, "eval": _eval, "score": _score, "compare": _compare,
+                "merge": _merge, "generate": _generate, "label": _label, "report": _report,
                 "tokenizer": _tokenizer}[args.command](args)
     except (assets.AssetError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
