@@ -114,11 +114,31 @@ def recipe_classes(recipe: str) -> RecipeClasses:
     return RecipeClasses(recipe, seen["run"], ScriptArguments, seen["training"], ModelConfig, " ".join(doc.split()))
 
 
-def _owner(cls: type, name: str) -> type:
+def _declared(cls: type, name: str) -> tuple[type, object]:
+    """The class that declares field `name` (first in the MRO) and its annotation there.
+
+    The annotation, not `Field.type`: HfArgumentParser rewrites `Field.type` of the dataclasses it parses
+    (`str | None` becomes `str`), so after any parse in this process the fields no longer say what was declared."""
     for c in cls.__mro__:
-        if name in inspect.get_annotations(c):
-            return cls if c.__name__.startswith("_") else c  # a private base (TRL's _BaseConfig) goes by its user
-    return cls
+        annotations = inspect.get_annotations(c)
+        if name in annotations:
+            return c, annotations[name]
+    return cls, None
+
+
+def _owner(cls: type, name: str) -> type:
+    c = _declared(cls, name)[0]
+    return cls if c.__name__.startswith("_") else c  # a private base (TRL's _BaseConfig) goes by its user
+
+
+def _doc(f: dataclasses.Field, cls: type, part: str) -> FieldDoc:
+    declared, annotation = _declared(cls, f.name)
+    owner = _owner(cls, f.name)
+    library = _library(declared)
+    if part == "run" and library not in ("TRL", "transformers"):
+        library = "hf-tuner"  # the run arguments are the recipe's own, wherever its module lives
+    return FieldDoc(f.name, _type_name(annotation if annotation is not None else f.type), _plain_default(f),
+                    _help(f), library, owner.__name__, part, cls.__name__)
 
 
 def _type_name(t) -> str:
@@ -168,9 +188,7 @@ def _fields(recipe: str) -> tuple[FieldDoc, ...]:
             if not f.init or f.name in seen:  # parse_config reads init fields; the parser refuses duplicates
                 continue
             seen.add(f.name)
-            owner = _owner(cls, f.name)
-            out.append(FieldDoc(f.name, _type_name(f.type), _plain_default(f),
-                                _help(f), _library(owner), owner.__name__, part, cls.__name__))
+            out.append(_doc(f, cls, part))
     return tuple(out)
 
 
@@ -305,9 +323,7 @@ def _shared() -> list[tuple[str, str, dict[str, FieldDoc]]]:
         docs = {}
         for f in dataclasses.fields(cls):
             if f.init:
-                owner = _owner(cls, f.name)
-                docs[f.name] = FieldDoc(f.name, _type_name(f.type), _plain_default(f), _help(f),
-                                        _library(owner), owner.__name__, part, cls.__name__)
+                docs[f.name] = _doc(f, cls, part)
         lib = _library(cls)
         out.append((f"{cls.__name__} ({lib})", _slug(f"{cls.__name__} ({lib})"), docs))
     return out
