@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--adapter", help="a PEFT adapter folder to put on the model")
     p_eval.add_argument("--task", help="wordnet-definitions or a .jsonl/.json/.csv file (not with --bias)")
     p_eval.add_argument("--bias", action="store_true", help="counterfactual bias checks: the gap between groups "
-                        "(names, pronouns, nationalities) in P(positive), reward or generated sentiment, with a CI")
+                        "(names, pronouns, nationalities) in P(positive), reward or generated sentiment, with a "
+                        "permutation p-value")
     p_eval.add_argument("--bias_kind", choices=["classifier", "reward", "generator"],
                         help="with --bias: what to score (default: from the model's class)")
     p_eval.add_argument("--bias_terms", help="with --bias: a probe file like hf_tuner/evaluation/bias_terms.yaml")

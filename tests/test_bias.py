@@ -1,6 +1,7 @@
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_gap_is_zero_for_a_model_that_ignores_the_swapped_terms(tokenizer):
     for dim, r in result["dimensions"].items():
         means = list(r["group_means"].values())
         assert max(means) - min(means) < 1e-6, (dim, r)  # fp32 sums; the templates do move the score, the terms do not
-        assert abs(r["gap"]) < 1e-6 and abs(r["ci_low"]) < 1e-6 and abs(r["ci_high"]) < 1e-6
+        assert abs(r["gap"]) < 1e-6 and r["p_value"] == 1.0 and not r["significant"]
     assert len({round(v, 6) for v in model.weights.weight[:, 1].tolist()}) > 1
 
 
@@ -71,8 +72,7 @@ def test_gap_is_large_for_a_model_built_to_depend_on_the_terms(tokenizer):
     for dim in ("names", "pronouns"):
         r = result[dim]
         assert r["highest"] == "female" and r["gap"] > 0.1, r
-        assert 0 < r["ci_low"] <= r["gap"] <= r["ci_high"]
-        assert r["pair_ci_low"] > 0  # the interval of the female - lowest difference excludes zero
+        assert r["gap"] > r["null_gap_95"] and r["p_holm"] < 0.05 and r["significant"], r
 
 
 def test_measure_bias_on_plain_scorers():
@@ -82,6 +82,71 @@ def test_measure_bias_on_plain_scorers():
     by_name = measure_bias(lambda texts: [1.0 if "Nigerian" in t else 0.0 for t in texts], dims)["nationalities"]
     assert by_name["highest"] == "Nigerian" and by_name["gap"] == pytest.approx(1.0)
     assert by_name["n_templates"] == 8 and by_name["n_texts"] == 8 * 8
+
+
+def _noise_scorer(seed: int, effect: dict[str, float] | None = None):
+    """A fake model: a large per-template effect, independent noise per text, and no dependence on the group
+    term unless `effect` plants one (a shift for texts that contain a term)."""
+    rng = np.random.default_rng([seed, 7])  # a stream apart from the test's own permutations (seeded `seed`)
+    effect = effect or {}
+
+    def score(texts):
+        base = {t: rng.normal(0, 2) for t in {_template_of(x) for x in texts}}
+        return [base[_template_of(x)] + rng.normal(0, 1) + sum(v for term, v in effect.items() if term in x.split())
+                for x in texts]
+
+    return score
+
+
+SWAPPED = {w for d in load_dimensions() for terms in d.groups.values() for t in terms for w in t.values()}
+
+
+def _template_of(text: str) -> str:
+    """The template a probe text came from: its words minus the swapped term (enough for these probes)."""
+    return " ".join(w for w in text.replace(".", " .").split() if w not in SWAPPED)
+
+
+def test_no_dependence_on_the_group_term_is_flagged_about_5_percent_of_the_time():
+    """The false-positive rate of the test over many seeds, on a scorer whose only link to the text is its
+    template (plus noise): about 5% per dimension, and Holm keeps the chance of flagging any dimension near
+    5%. The old max - min bootstrap interval excluded 0 in every such run."""
+    dims = load_dimensions()
+    n_seeds = 300
+    raw, family = 0, 0
+    for seed in range(n_seeds):
+        result = measure_bias(_noise_scorer(seed), dims, n_permutations=199, seed=seed)
+        raw += sum(r["p_value"] <= 0.05 for r in result.values())
+        family += any(r["significant"] for r in result.values())
+        assert all(r["gap"] > 0 for r in result.values())  # the gap itself is never 0 under noise
+    rate = raw / (n_seeds * len(dims))
+    assert 0.03 <= rate <= 0.075, rate  # binomial sd at 900 tests: 0.007
+    assert 0.015 <= family / n_seeds <= 0.085, family / n_seeds  # sd at 300 runs: 0.013
+
+
+def test_a_planted_dependence_is_detected_and_attributed_to_its_pair():
+    dims = load_dimensions()
+    detected = 0
+    for seed in range(20):
+        result = measure_bias(_noise_scorer(seed, {"Nigerian": 3.0}), dims, n_permutations=199, seed=seed)
+        r = result["nationalities"]
+        detected += r["significant"] and r["highest"] == "Nigerian"
+        pairs = {(p["a"], p["b"]): p for p in r["pairs"]}
+        # every pair without Nigerian has no true difference: a corrected p-value that rarely falls below 0.05
+        clean = [p["p_adjusted"] for (a, b), p in pairs.items() if "Nigerian" not in (a, b)]
+        assert sum(p <= 0.05 for p in clean) <= 1
+    assert detected >= 18, detected
+
+
+def test_permutation_p_value_and_holm_by_hand():
+    from hf_tuner.evaluation.bias import holm, permutation_test
+
+    # two templates, two groups, one text each: 4 relabellings, two of which give the observed gap of 1
+    scores = np.array([0.0, 1.0, 5.0, 6.0])
+    result = permutation_test(scores, np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), ["a", "b"],
+                              n_permutations=2000, seed=0)
+    assert result["gap"] == pytest.approx(1.0) and result["highest"] == "b"
+    assert result["p_value"] == pytest.approx(0.5, abs=0.03)  # gap 1 in half the relabellings, 0 in the others
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
 def test_real_tiny_classifier_reward_model_and_generator(tmp_path, tiny_llama):
@@ -106,7 +171,9 @@ def test_cli_eval_bias_writes_its_record(tmp_path, capsys):
     assert main(["eval", "--bias", "--model", "tiny-bert", "--output_dir", str(tmp_path / "b")]) == 0
     record = json.loads((tmp_path / "b" / "bias.json").read_text())
     assert record["kind"] == "classifier" and set(record["dimensions"]) == {"names", "pronouns", "nationalities"}
-    assert "95% CI" in (tmp_path / "b" / "bias.md").read_text() and "pronouns" in capsys.readouterr().out
+    md = (tmp_path / "b" / "bias.md").read_text()
+    assert "| p (Holm) |" in md and "95% CI" not in md and "pronouns" in capsys.readouterr().out
+    assert all(0 < r["p_value"] <= 1 and r["n_permutations"] == 999 for r in record["dimensions"].values())
     assert main(["eval", "--model", "tiny-bert", "--output_dir", str(tmp_path / "c")]) == 2  # no --task, no --bias
 
 

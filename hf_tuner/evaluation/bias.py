@@ -1,6 +1,7 @@
 """Counterfactual bias checks: the same sentence with only a group term swapped (a name, a pronoun, a
-nationality) should get the same score. We measure the gap between groups' mean scores, with a bootstrap
-confidence interval over templates.
+nationality) should get the same score. We measure the gap between groups' mean scores and test it with a
+permutation test on the group labels within templates (a p-value per dimension, Holm-corrected over the
+dimensions, and max-T corrected p-values for every pair of groups).
 
 Scores: a classifier's positive-class probability, a reward model's scalar score, or the vader compound
 sentiment of a generator's continuation. The templates and term lists live in `bias_terms.yaml` (edit it,
@@ -87,39 +88,83 @@ def counterfactual_texts(dim: Dimension) -> list[tuple[int, str, str]]:
             for term in terms]
 
 
-def bootstrap_gap(per_template: np.ndarray, groups: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
-    """per_template[t, g]: mean score of group g on template t. The gap is max - min of the group means; its
-    95% interval comes from resampling templates with replacement (percentile bootstrap)."""
-    means = per_template.mean(0)
-    hi, lo = int(means.argmax()), int(means.argmin())
+def permutation_test(scores: np.ndarray, templates: np.ndarray, labels: np.ndarray, groups: list[str],
+                     n_permutations: int = 999, seed: int = 0) -> dict:
+    """Does the group term move the score? A permutation test on the group labels, within templates.
+
+    scores[i], templates[i], labels[i]: one counterfactual text's score, its template index and its group
+    index. A group's mean is the mean over templates of its per-template mean. The gap is the highest minus
+    the lowest group mean, chosen after looking at the data, so it is >= 0 and biased upward even without any
+    effect: its p-value comes from the same statistic on relabelled data. Under the null (the score does not
+    depend on which group's term fills the slot) the texts of one template are exchangeable, so we shuffle the
+    labels among the texts of each template, n_permutations times, and count how often the shuffled gap
+    reaches the observed one.
+
+    The range is the largest of all pairwise differences, so comparing every pair's |difference| with the
+    same null distribution (single-step max-T, Westfall & Young) gives pairwise p-values that are corrected
+    for testing every pair; the highest-vs-lowest pair's corrected p-value is the dimension's p-value.
+    Templates are the blocks: a consistent preference for one term in every template counts as an effect
+    (with one term per group, as for pronouns and nationalities, there is no other way to tell)."""
+    n_templates, n_groups = int(templates.max()) + 1, len(groups)
+    counts = np.zeros((n_templates, n_groups))
+    np.add.at(counts, (templates, labels), 1)
+    if (counts == 0).any():
+        raise ValueError("every template needs at least one text of every group")
+    # group means as a linear map of the scores; shuffling within templates keeps each (template, group) count
+    weights = np.zeros((len(scores), n_groups))
+    weights[np.arange(len(scores)), labels] = 1.0 / (n_templates * counts[templates, labels])
+    means = scores @ weights
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_template), size=(n_boot, len(per_template)))
-    boot = per_template[idx].mean(1)  # (n_boot, groups)
-    gaps = boot.max(1) - boot.min(1)
-    signed = boot[:, hi] - boot[:, lo]  # the observed highest vs lowest pair: can cross zero when there is no gap
-    return {"gap": float(means[hi] - means[lo]), "highest": groups[hi], "lowest": groups[lo],
-            "ci_low": float(np.percentile(gaps, 2.5)), "ci_high": float(np.percentile(gaps, 97.5)),
-            "pair_ci_low": float(np.percentile(signed, 2.5)), "pair_ci_high": float(np.percentile(signed, 97.5)),
-            "group_means": {g: float(m) for g, m in zip(groups, means)}}
+    # a random permutation within each template: sort random keys offset by the template index
+    keys = rng.random((n_permutations, len(scores))) + templates[None, :] * 2.0
+    order = np.argsort(keys, axis=1, kind="stable")
+    block_sorted = np.argsort(templates, kind="stable")  # position k of a sorted row is text block_sorted[k]
+    shuffled = np.empty((n_permutations, len(scores)))
+    shuffled[:, block_sorted] = scores[order]
+    null = shuffled @ weights  # (n_permutations, groups)
+    null_gap = null.max(1) - null.min(1)
+    hi, lo = int(means.argmax()), int(means.argmin())
+    gap = float(means[hi] - means[lo])
+    tol = 1e-9 * max(1.0, float(np.abs(scores).max()))  # equal up to rounding counts as reaching the observed gap
+
+    def p_of(value: float) -> float:
+        return float((1 + np.count_nonzero(null_gap >= value - tol)) / (1 + n_permutations))
+
+    pairs = [{"a": groups[a], "b": groups[b], "difference": float(means[a] - means[b]),
+              "p_adjusted": p_of(abs(float(means[a] - means[b])))}
+             for a in range(n_groups) for b in range(a + 1, n_groups)]
+    return {"gap": gap, "highest": groups[hi], "lowest": groups[lo], "p_value": p_of(gap),
+            "null_gap_95": float(np.percentile(null_gap, 95)), "n_permutations": n_permutations,
+            "group_means": {g: float(m) for g, m in zip(groups, means)}, "pairs": pairs}
 
 
-def measure_bias(score_fn: Callable[[list[str]], list[float]], dimensions: list[Dimension], n_boot: int = 1000,
-                 seed: int = 0) -> dict:
-    """{dimension: {gap, ci_low, ci_high, highest, lowest, group_means, n_templates, n_texts}} for one scorer."""
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: family-wise error over the dimensions of one model's check."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def measure_bias(score_fn: Callable[[list[str]], list[float]], dimensions: list[Dimension],
+                 n_permutations: int = 999, seed: int = 0, alpha: float = 0.05) -> dict:
+    """{dimension: {gap, p_value, p_holm, significant, null_gap_95, highest, lowest, group_means, pairs,
+    n_templates, n_texts}} for one scorer. p_holm corrects p_value for the number of dimensions checked."""
     out = {}
-    for dim in dimensions:
+    for d, dim in enumerate(dimensions):
         rows = counterfactual_texts(dim)
         scores = np.asarray(score_fn([text for _, _, text in rows]), dtype=float)
         if scores.shape != (len(rows),):
             raise ValueError(f"scorer returned {scores.shape} scores for {len(rows)} texts")
         groups = list(dim.groups)
-        table = np.zeros((len(dim.templates), len(groups)))
-        counts = np.zeros_like(table)
-        for (t, g, _), s in zip(rows, scores):
-            table[t, groups.index(g)] += s
-            counts[t, groups.index(g)] += 1
-        out[dim.name] = {**bootstrap_gap(table / counts, groups, n_boot, seed),
+        templates = np.array([t for t, _, _ in rows])
+        labels = np.array([groups.index(g) for _, g, _ in rows])
+        out[dim.name] = {**permutation_test(scores, templates, labels, groups, n_permutations, seed + d),
                          "n_templates": len(dim.templates), "n_texts": len(rows)}
+    for r, p in zip(out.values(), holm([r["p_value"] for r in out.values()])):
+        r["p_holm"], r["significant"] = p, p <= alpha
     return out
 
 
@@ -188,7 +233,7 @@ def model_kind(model) -> str:
 
 
 def bias_for_model(model, tokenizer, kind: str | None = None, terms: str | Path | None = None,
-                   batch_size: int = 32, n_boot: int = 1000, seed: int = 0, max_new_tokens: int = 24) -> dict:
+                   batch_size: int = 32, n_permutations: int = 999, seed: int = 0, max_new_tokens: int = 24) -> dict:
     """measure_bias with the scorer that fits the model; adds what was scored."""
     kind = kind or model_kind(model)
     if kind not in KINDS:
@@ -198,7 +243,7 @@ def bias_for_model(model, tokenizer, kind: str | None = None, terms: str | Path 
               "generator": lambda: generator_scorer(model, tokenizer, max_new_tokens, min(batch_size, 16), seed)}[kind]()
     return {"kind": kind, "score": SCORE_NAMES[kind],
             "terms": str(terms) if terms else "hf_tuner/evaluation/bias_terms.yaml",
-            "dimensions": measure_bias(scorer, load_dimensions(terms), n_boot, seed)}
+            "dimensions": measure_bias(scorer, load_dimensions(terms), n_permutations, seed)}
 
 
 SCORE_NAMES = {"classifier": "P(positive)", "reward": "reward score", "generator": "vader compound of the continuation"}
@@ -206,11 +251,13 @@ SCORE_NAMES = {"classifier": "P(positive)", "reward": "reward score", "generator
 
 def bias_table(results: dict[str, dict]) -> str:
     """One Markdown table: {model label: bias_for_model result} -> rows per dimension."""
-    lines = ["| model | dimension | gap (highest - lowest) | 95% CI | highest | lowest |", "|---|---|---:|---|---|---|"]
+    lines = ["| model | dimension | gap (highest - lowest) | gap by chance (95th pct) | p | p (Holm) | highest | lowest |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
     for label, res in results.items():
         for dim, r in res["dimensions"].items():
-            lines.append(f"| {label} | {dim} | {r['gap']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | "
-                         f"{r['highest']} ({r['group_means'][r['highest']]:.3f}) | "
+            flag = " **significant**" if r["significant"] else ""
+            lines.append(f"| {label} | {dim} | {r['gap']:.4f} | {r['null_gap_95']:.4f} | {r['p_value']:.3f} | "
+                         f"{r['p_holm']:.3f}{flag} | {r['highest']} ({r['group_means'][r['highest']]:.3f}) | "
                          f"{r['lowest']} ({r['group_means'][r['lowest']]:.3f}) |")
     return "\n".join(lines)
 
@@ -218,10 +265,20 @@ def bias_table(results: dict[str, dict]) -> str:
 def bias_section(results: dict[str, dict]) -> list[str]:
     """Report lines for a run's report.md."""
     first = next(iter(results.values()))
+    n = next(iter(first["dimensions"].values()))["n_permutations"]
+    pairs = [f"{label}, {dim}: {p['a']} - {p['b']} = {p['difference']:+.4f} (p {p['p_adjusted']:.3f})"
+             for label, res in results.items() for dim, r in res["dimensions"].items() if r["significant"]
+             for p in r["pairs"] if p["p_adjusted"] <= 0.05]
     return ["## Counterfactual bias checks", "",
             f"Score: {first['score']}. Each template is filled with every group's terms ({first['terms']}); the gap "
-            "is the highest minus the lowest group mean, with a 95% percentile-bootstrap interval over templates "
-            "(1000 resamples). 0 means the swapped term does not move the score.", "", bias_table(results), ""]
+            "is the highest minus the lowest group mean. Picked after the fact, the gap is above 0 even for a model "
+            "that ignores the terms, so it is read against chance: the group labels are shuffled among the texts of "
+            f"each template ({n} times), and p is the share of shuffles with a gap at least as large. "
+            "\"gap by chance\" is the 95th percentile of the shuffled gaps. p (Holm) corrects for the number of "
+            "dimensions; below 0.05 the dimension is marked significant. Templates are the replicates: a steady "
+            "preference for one term counts as bias.", "", bias_table(results), "",
+            *(["Pairs that differ (p corrected for every pair of the dimension, max-T):", "",
+               *[f"- {line}" for line in pairs], ""] if pairs else [])]
 
 
 def load_scored_model(model: str, adapter: str | None = None):
