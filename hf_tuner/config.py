@@ -59,8 +59,16 @@ class RunArguments:
                 "llama-adapter or full (see hf_tuner/adapters.py)"})
     peft_options: dict | str | None = field(default=None, metadata={
         "help": "options of the PEFT config, overriding the method's defaults, e.g. {num_virtual_tokens: 32}"})
-    eval_samples: int = field(default=200, metadata={"help": "held-out examples evaluated, base and tuned"})
+    eval_samples: int | None = field(default=None, metadata={
+        "help": "held-out examples evaluated, base and tuned (None: the test split's first 200 rows, or a carve of 10% "
+                "of the distinct prompts, at most 200, when the dataset has no test split)"})
     train_samples: int | None = field(default=None, metadata={"help": "cap on training examples (None: all)"})
+    dataset_columns: dict | str | None = field(default=None, metadata={
+        "help": "our column name -> the dataset's, for shapes other than TRL's, e.g. {prompt: question, completion: "
+                "answer} (Alpaca and ShareGPT rows are recognised without it)"})
+    dataset_mixture: dict | str | None = field(default=None, metadata={
+        "help": "several datasets in one run (alignment-handbook style): {datasets: [{id, config, split, "
+                "test_split, columns, weight}, ...]}; weight is the share of that dataset's rows used"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/held-out split (independent of `seed`)"})
     held_out_tasks: list[str] | None = field(
         default=None, metadata={"help": "datasets evaluated base vs tuned but never trained on (FLAN-style)"})
@@ -102,6 +110,18 @@ class RunArguments:
                 raise ConfigError(f"peft_options: not a JSON/YAML mapping: {self.peft_options!r}") from e
         if self.peft_options is not None and not isinstance(self.peft_options, dict):
             raise ConfigError(f"peft_options: expected a mapping of option: value, got {self.peft_options!r}")
+        for name in ("dataset_columns", "dataset_mixture"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{name}: not a JSON/YAML mapping: {value!r}") from e
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        if self.eval_samples is not None and self.eval_samples <= 0:
+            raise ConfigError(f"eval_samples: must be positive, got {self.eval_samples}")
 
 
 @dataclass
@@ -112,6 +132,7 @@ class RunConfig:
     script: Any  # trl.ScriptArguments: dataset
     training: Any  # an SFTConfig / TrainingArguments subclass
     model: Any  # trl.ModelConfig
+    given: frozenset = frozenset()  # the fields the YAML, dict or command line set (the rest are defaults)
 
     def parts(self) -> tuple:
         return (self.run, self.script, self.training, self.model)
@@ -253,6 +274,7 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         os.environ[str(key)] = str(value)
 
     mapping = _migrate(mapping, where)
+    given = frozenset(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     # TRL's configs carry trust_remote_code; transformers' TrainingArguments does not: it is ours there.
     own_trust = None if "trust_remote_code" in known else _pop_flag(mapping, cli, "trust_remote_code")
     unknown = [k for k in mapping if k not in known]
@@ -285,7 +307,7 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
     _move_secrets_to_environment(training)
     configure_loading(getattr(training, "trust_remote_code", own_trust),
                       getattr(run, "allow_pickle_weights", False))
-    return RunConfig(run, script, training, model)
+    return RunConfig(run, script, training, model, given)
 
 
 # Config fields that hold credentials: never written to config.yaml, training_args.bin, logs or reports.

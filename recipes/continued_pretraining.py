@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch recipes/x.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_tuner.config import ConfigError, RunArguments, parse_config, prepare_output_dir  # noqa: E402
+from hf_tuner.data import DataError  # noqa: E402
 from hf_tuner.runs import RunResult, recipe_main, save_log_history, train_summary  # noqa: E402
 
 OBJECTIVES = {"clm": "causal-lm", "mlm": "masked-lm"}
@@ -51,12 +52,45 @@ def _config(source):
 
 
 def _data(cfg):
+    """(training documents, or a stream of them; held-out documents; general documents; the loaded record).
+
+    Any language-modelling source (`text` or `messages` rows). The held-out documents are the dataset's test
+    split (first eval_documents rows) when it has one, else eval_documents whole documents carved out of train
+    (the first ones of a stream)."""
+    from hf_tuner.data import data_sources, load_rows
+    from hf_tuner.data.formats import text_row
     from hf_tuner.data.text import PYDOC_TOPICS, load_documents, split_documents
 
-    docs = load_documents(cfg.script.dataset_name or PYDOC_TOPICS)
-    train_docs, held_docs = split_documents(docs, cfg.run.eval_documents, cfg.run.split_seed)
+    kinds = {"language_modeling": "text or messages"}
+    data = load_rows(data_sources(cfg, default=PYDOC_TOPICS), text_row, "continued_pretraining", kinds,
+                     ("text", "messages", "name", "where"))
+    n = cfg.run.eval_documents
+    if data.test is not None:
+        train_docs, held_docs = data.train, data.test[:n]
+        print(f"held-out: the dataset's test split ({len(data.test)} documents, {len(held_docs)} scored)")
+    elif data.streaming:
+        held_docs, train_docs = list(data.train.take(n)), data.train.skip(n)
+        print(f"held-out: no test split in {data.label}; the first {n} documents of the stream are held out")
+    else:
+        train_docs, held_docs = split_documents(data.train, n, cfg.run.split_seed)
     general = load_documents(cfg.run.general_dataset) if cfg.run.general_dataset else []
-    return train_docs, held_docs, general
+    return train_docs, held_docs, general, data
+
+
+def _as_text(docs, tokenizer):
+    """Documents as plain text: `messages` rows rendered with the model's chat template."""
+    import json
+
+    def text(row):
+        if row.get("text"):
+            return {"text": row["text"]}
+        if not tokenizer.chat_template:
+            raise DataError(f"{row['where']}: `messages` documents need a tokenizer with a chat template")
+        return {"text": tokenizer.apply_chat_template(json.loads(row["messages"]), tokenize=False)}
+
+    if isinstance(docs, list):
+        return [{**d, **text(d)} for d in docs]
+    return docs.map(text)
 
 
 def _percent_change(before: float, after: float) -> float:
@@ -71,7 +105,9 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.checkpoints import train_resumable
-    from hf_tuner.data.text import chunk_documents, whole_word_mask_collator
+    from datasets import Dataset
+
+    from hf_tuner.data.text import chunk_dataset, whole_word_mask_collator
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.report import write_run_record
@@ -90,7 +126,9 @@ def train(config=None) -> RunResult:
     # The block count is known only after tokenizing, so AdaLoRA's schedule needs max_steps here.
     peft = peft_setup(run.peft_method, model_path, model_task, mcfg, run.peft_options,
                       total_steps=args.max_steps if args.max_steps > 0 else None)
-    train_docs, held_docs, general_docs = _data(cfg)
+    train_docs, held_docs, general_docs, data = _data(cfg)
+    if data.streaming and args.max_steps <= 0:
+        raise ConfigError("dataset_streaming: a stream has no length; set max_steps")
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -107,6 +145,7 @@ def train(config=None) -> RunResult:
         return LanguageModelingTask(name, docs, block_size=run.block_size, objective=run.objective,
                                     mlm_probability=run.mlm_probability, max_blocks=run.eval_samples, seed=args.seed)
 
+    held_docs = _as_text(held_docs, tokenizer)
     domain = lm_task("domain (held-out documents)", held_docs)
     general = lm_task(f"general: {run.general_dataset}", general_docs) if general_docs else None
     settings = DecodingSettings(batch_size=run.eval_batch_size)
@@ -114,8 +153,10 @@ def train(config=None) -> RunResult:
     general_results = {"base": evaluate_model(model, tokenizer, general, settings)} if general else {}
 
     # 4. train on the concatenated, chunked training documents
-    blocks = chunk_documents([d["text"] for d in train_docs], tokenizer, run.block_size, word_offsets=mlm,
-                             max_blocks=run.train_samples)
+    texts = _as_text(train_docs, tokenizer)
+    texts = Dataset.from_list([{"text": d["text"]} for d in texts]) if isinstance(texts, list) else \
+        texts.select_columns(["text"])
+    blocks = chunk_dataset(texts, tokenizer, run.block_size, word_offsets=mlm, max_blocks=run.train_samples)
     if peft.config is not None:
         model = get_peft_model(model, peft.config)
     if mlm:
@@ -149,11 +190,13 @@ def train(config=None) -> RunResult:
         "baselines": {},
         "tuned": results["tuned"]["metrics"],
         "train": train_summary(trainer, train_output, runtime, objective=run.objective, peft_method=run.peft_method,
-                               train_documents=len(train_docs), held_out_documents=[d["name"] for d in held_docs],
-                               train_blocks=len(blocks), block_size=run.block_size),
+                               train_documents=None if data.streaming else len(train_docs),
+                               held_out_documents=[d["name"] for d in held_docs],
+                               train_blocks=None if data.streaming else len(blocks), block_size=run.block_size,
+                               streaming=data.streaming, data=data.counts),
         "summary": summary,
         "newly_initialized_weights": fresh,
-        "tasks": {"trained": [cfg.script.dataset_name], "held_out": [general.name] if general else []},
+        "tasks": {"trained": [data.label], "held_out": [general.name] if general else []},
         "held_out_tasks": {general.name: {k: v["metrics"] for k, v in general_results.items()}} if general else {},
     }
     notes = ["## Domain adaptation and forgetting", "", *[f"- {line}" for line in lines], ""]

@@ -12,6 +12,7 @@ the same ones, with the same seed and sampling, as `recipes/ppo_rlhf.py`, so the
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.checkpoints import train_resumable
-    from hf_tuner.data.preferences import as_continuations, load_preferences, rl_prompts
+    from hf_tuner.data import data_sources
+    from hf_tuner.data.preferences import as_continuations, is_vader, load_preferences, rl_prompts, with_prompt
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import RewardTask
@@ -70,17 +72,25 @@ def train(config=None) -> RunResult:
     if not mcfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (an asset such as smollm2-135m-instruct, a folder or a Hub id)")
     model_path = check_model_source(mcfg.model_name_or_path)
-    dataset_name = cfg.script.dataset_name or "vader-sentiment"
-    pairs, held_pairs = load_preferences(dataset_name, run.vader_sources, run.train_pairs, run.eval_samples,
+    sources = data_sources(cfg, default="vader-sentiment")
+    dataset_name = " + ".join(s.label() for s in sources)
+    pairs, held_pairs = load_preferences(sources, run.vader_sources, run.train_pairs, run.eval_samples,
                                          run.eval_snippets, run.min_gap, run.split_seed)
-    if Path(dataset_name).suffix:  # a preference file: the prompts of its held-out pairs
-        held_prompts = sorted({p["prompt"] for p in held_pairs if p["prompt"]})
-        if not held_prompts or not all(p["prompt"] for p in pairs):
-            raise ConfigError(f"dataset_name {dataset_name}: DPO needs a `prompt` on every row")
+    if not is_vader(sources[0].name) or len(sources) > 1:  # any preference data: the prompts of its held-out pairs
+        pairs, held_pairs = [with_prompt(p) for p in pairs], [with_prompt(p) for p in held_pairs]
+        if not all(p["prompt"] for p in pairs + held_pairs):
+            raise ConfigError(f"dataset_name {dataset_name}: DPO needs a prompt on every row (explicit, or shared by "
+                              "chosen and rejected)")
+        held_prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in held_pairs}.values())
     else:  # vader: snippets as continuations; held-out prompts open snippets never trained on
         pairs = as_continuations(pairs, run.prompt_words, run.split_seed)
         _, held_prompts, _ = rl_prompts(dataset_name, run.vader_sources, run.eval_snippets, run.split_seed,
                                         run.prompt_words, run.eval_samples)
+    held_keys = {json.dumps(p) for p in held_prompts}
+    dropped = sum(json.dumps(p["prompt"]) in held_keys for p in pairs)
+    pairs = [p for p in pairs if json.dumps(p["prompt"]) not in held_keys]  # no held-out prompt is trained on
+    if dropped:
+        print(f"note: {dropped} training pair(s) dropped: their prompt is a held-out prompt")
     check_batch(len(pairs), args, dataset_name)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(pairs)))
@@ -94,7 +104,9 @@ def train(config=None) -> RunResult:
     model, tokenizer = load_model(mcfg.model_name_or_path, "causal-lm", dtype=mcfg.dtype, revision=mcfg.model_revision)
     tokenizer.padding_side = "left"
     settings = DecodingSettings(max_new_tokens=run.response_length, batch_size=run.eval_batch_size, seed=args.seed)
-    task = RewardTask("held-out prompts", [{"prompt": p} for p in held_prompts], reward_fn, run.temperature)
+    render = lambda p: p if isinstance(p, str) else tokenizer.apply_chat_template(  # noqa: E731
+        p, tokenize=False, add_generation_prompt=True)
+    task = RewardTask("held-out prompts", [{"prompt": render(p)} for p in held_prompts], reward_fn, run.temperature)
     base = evaluate_model(model, tokenizer, task, settings)
 
     # 3. DPO: with an adapter, TRL's reference is the adapter-disabled base (no second copy)
@@ -111,7 +123,7 @@ def train(config=None) -> RunResult:
 
     # 4. the tuned policy on the same prompts; report
     train_info = {"algorithm": "dpo", "runtime_s": runtime, "steps": trainer.state.global_step,
-                  "train_pairs": len(pairs), "beta": args.beta, "reward_model": run.reward_model,
+                  "train_pairs": len(pairs), "held_out_prompts_dropped_from_train": dropped, "beta": args.beta, "reward_model": run.reward_model,
                   "peft_method": run.peft_method}
     metrics, table = finish_rl_run(out, "DPO", trainer.model, tokenizer, task, settings, base, train_info, history,
                                    trainer.state.log_history, run.report_examples, reward_model_note(run.reward_model))

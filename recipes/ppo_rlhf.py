@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch recipes/x.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_tuner.config import ConfigError, RunArguments, parse_config, prepare_output_dir  # noqa: E402
-from hf_tuner.rl.ppo import PPOArguments  # noqa: E402
+from hf_tuner.rl.ppo import PPOArguments, check_minibatches  # noqa: E402
 from hf_tuner.runs import RunResult, recipe_main  # noqa: E402
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -59,7 +59,8 @@ def train(config=None) -> RunResult:
     from transformers import set_seed
 
     from hf_tuner.adapters import peft_setup
-    from hf_tuner.data.preferences import rl_prompts
+    from hf_tuner.data import data_sources
+    from hf_tuner.data.preferences import chat_prompt_renderer, rl_prompts
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import RewardTask
@@ -78,10 +79,12 @@ def train(config=None) -> RunResult:
     if run.algorithm != "ppo" and args.per_device_train_batch_size % run.num_generations:
         raise ConfigError(f"per_device_train_batch_size={args.per_device_train_batch_size} must be a multiple of "
                           f"num_generations={run.num_generations} for {run.algorithm}")
+    if run.algorithm == "ppo":
+        check_minibatches(args.per_device_train_batch_size, run.num_mini_batches)
     model_path = check_model_source(mcfg.model_name_or_path)
     train_prompts, held_prompts, gate_pairs = rl_prompts(
-        cfg.script.dataset_name or "vader-sentiment", run.vader_sources, run.eval_snippets, run.split_seed,
-        run.prompt_words, run.eval_samples, run.train_prompts)
+        data_sources(cfg, default="vader-sentiment"), run.vader_sources, run.eval_snippets, run.split_seed,
+        run.prompt_words, run.eval_samples, run.train_prompts, render=chat_prompt_renderer(model_path))
     reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options, total_steps=args.max_steps)
     out = prepare_output_dir(args, run)

@@ -41,6 +41,22 @@ def _config(source):
     return parse_config(RewardConfig, source, run_cls=RewardArguments)
 
 
+def _as_text(pair: dict, tokenizer) -> dict:
+    """A conversational pair as the text the reward model reads: the chat template, or the turns' text for an
+    encoder with none. Standard pairs pass as they are."""
+    from hf_tuner.data.formats import flatten
+
+    if not isinstance(pair["chosen"], list):
+        return pair
+
+    def text(side):
+        conversation = (pair["prompt"] or []) + pair[side]
+        return tokenizer.apply_chat_template(conversation, tokenize=False) if tokenizer.chat_template \
+            else flatten(conversation)
+
+    return {**pair, "prompt": "", "chosen": text("chosen"), "rejected": text("rejected")}
+
+
 def _tokenized(pairs, tokenizer, max_length: int):
     """Pre-tokenized chosen_ids/rejected_ids: RewardTrainer's raw-text path appends an EOS, and MiniLM has none.
     Long texts are truncated, not dropped (RewardTrainer drops what is over max_length); we count them."""
@@ -50,6 +66,7 @@ def _tokenized(pairs, tokenizer, max_length: int):
         text = f"{p['prompt']} {p[side]}".strip()
         return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
 
+    pairs = [_as_text(p, tokenizer) for p in pairs]
     rows = [{"chosen_ids": ids(p, "chosen"), "rejected_ids": ids(p, "rejected")} for p in pairs]
     truncated = sum(len(r["chosen_ids"]) == max_length or len(r["rejected_ids"]) == max_length for r in rows)
     return Dataset.from_list(rows), truncated
@@ -81,6 +98,7 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.checkpoints import train_resumable
+    from hf_tuner.data import data_sources
     from hf_tuner.data.preferences import load_preferences
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
@@ -99,10 +117,10 @@ def train(config=None) -> RunResult:
     if not mcfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (an asset such as minilm-l6, a folder or a Hub id)")
     model_path = check_model_source(mcfg.model_name_or_path)
-    train_pairs, held_pairs = load_preferences(cfg.script.dataset_name or "vader-sentiment", run.vader_sources,
-                                               run.train_pairs, run.eval_samples, run.eval_snippets, run.min_gap,
-                                               run.split_seed)
-    check_batch(len(train_pairs), args, cfg.script.dataset_name or "vader-sentiment")
+    sources = data_sources(cfg, default="vader-sentiment")
+    train_pairs, held_pairs = load_preferences(sources, run.vader_sources, run.train_pairs, run.eval_samples,
+                                               run.eval_snippets, run.min_gap, run.split_seed)
+    check_batch(len(train_pairs), args, " + ".join(s.label() for s in sources))
     check_bias_terms(run.bias_terms)
     peft = peft_setup(run.peft_method, model_path, "classification", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_pairs)))
@@ -115,7 +133,7 @@ def train(config=None) -> RunResult:
     model, tokenizer = load_model(mcfg.model_name_or_path, "classification", dtype=mcfg.dtype, num_labels=1,
                                   revision=mcfg.model_revision, quantization_config=peft.quantization,
                                   ignore_mismatched_sizes=True)  # a classifier's own head gives way to a scalar one
-    task = PreferenceTask("held-out pairs", held_pairs)
+    task = PreferenceTask("held-out pairs", [_as_text(p, tokenizer) for p in held_pairs])
     settings = DecodingSettings(batch_size=run.eval_batch_size, seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, task, settings)}
     bias = {"base (untrained head)": bias_for_model(model, tokenizer, "reward", run.bias_terms)}
@@ -147,7 +165,7 @@ def train(config=None) -> RunResult:
              f"Pairs: {len(train_pairs)} train, {len(held_pairs)} held-out (from texts never trained on); "
              f"{truncated} training pairs truncated at max_length={args.max_length}.", "", *bias_section(bias)]
     examples = [{"chosen": p["chosen"], "rejected": p["rejected"], "tuned scores": results["tuned"]["predictions"][i]}
-                for i, p in enumerate(held_pairs[:run.report_examples])]
+                for i, p in enumerate(task.rows[:run.report_examples])]
     table = write_run_record(out, "reward_model", metrics, examples, trainer.state.log_history, notes)
     save_log_history(out, trainer.state.log_history)
     print(f"\nHeld-out pairs ({len(held_pairs)}), run folder {out}:\n{table}\n")

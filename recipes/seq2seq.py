@@ -44,12 +44,13 @@ def _config(source):
 
 
 def _data(cfg):
-    from hf_tuner.data import load_examples, split_by_group
+    """(train rows, held-out rows) of prompt/completion data (a multi-turn row: its last answer given the turns
+    before); the dataset's test split is the held-out set when it has one."""
+    from hf_tuner.data import SFT_COLUMNS, SFT_TYPES, data_sources, held_out, load_rows, sft_row
 
     run = cfg.run
-    if not cfg.script.dataset_name:
-        raise ConfigError("dataset_name is required (an asset such as wordnet-definitions, or a .jsonl/.json/.csv file)")
-    train_rows, held_rows = split_by_group(load_examples(cfg.script.dataset_name), run.eval_samples, run.split_seed)
+    data = load_rows(data_sources(cfg), sft_row, "seq2seq", SFT_TYPES, SFT_COLUMNS)
+    train_rows, held_rows = held_out(data, run.eval_samples, run.split_seed)
     random.Random(run.split_seed).shuffle(train_rows)
     return train_rows[:run.train_samples] if run.train_samples else train_rows, held_rows[:run.eval_samples]
 

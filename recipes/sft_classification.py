@@ -48,18 +48,27 @@ def _config(source):
 
 
 def _data(cfg):
-    from hf_tuner.data import SUFFIXES, split_by_group
-    from hf_tuner.data.files import read_labelled
+    """(train rows, held-out rows) {text, label}: vader's polarity, or any source the loader reads with `text` and
+    `label` columns (the dataset's test split is the held-out set when it has one)."""
+    from functools import partial
+
+    from hf_tuner.data import data_sources, held_out, load_rows, split_by_group
+    from hf_tuner.data.formats import labelled_row
+    from hf_tuner.data.preferences import is_vader
     from hf_tuner.data.vader import polarity_rows, read_ground_truth
 
-    run, name = cfg.run, cfg.script.dataset_name or "vader-sentiment"
-    if Path(name).suffix in SUFFIXES:
-        rows = read_labelled(name, run.labels)
-    else:
+    run = cfg.run
+    sources = data_sources(cfg, default="vader-sentiment")
+    if len(sources) == 1 and is_vader(sources[0].name):
         if run.labels != POLARITY_LABELS:
             raise ConfigError(f"labels: the vader data has the labels {POLARITY_LABELS}, got {run.labels}")
-        rows = polarity_rows(read_ground_truth(name, run.vader_sources), run.min_abs_rating)
-    train_rows, held_rows = split_by_group(rows, run.eval_samples, run.split_seed)
+        rows = polarity_rows(read_ground_truth(sources[0].name, run.vader_sources), run.min_abs_rating)
+        train_rows, held_rows = split_by_group(rows, run.eval_samples, run.split_seed)
+    else:
+        # classification rows are no TRL type: `text` makes them look like language modelling to the detector
+        data = load_rows(sources, partial(labelled_row, labels=run.labels), "sft_classification",
+                         {"language_modeling": "text + label"}, ("text", "label", "group", "where"))
+        train_rows, held_rows = held_out(data, run.eval_samples, run.split_seed)
     random.Random(run.split_seed).shuffle(train_rows)
     return train_rows[:run.train_samples] if run.train_samples else train_rows, held_rows[:run.eval_samples]
 

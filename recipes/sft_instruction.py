@@ -29,27 +29,38 @@ def _config(source) -> RunConfig:
 
 
 def _check_and_load_data(cfg: RunConfig):
-    from hf_tuner.data import load_examples, split_by_group
+    """(train rows, or a stream of them; held-out rows; held-out tasks; the loaded data's record)."""
+    from hf_tuner.data import SFT_COLUMNS, SFT_TYPES, data_sources, held_out, load_examples, load_rows, sft_row
 
-    if not cfg.script.dataset_name:
-        raise ConfigError("dataset_name is required (an asset such as wordnet-definitions, or a .jsonl/.json/.csv file)")
-    examples = load_examples(cfg.script.dataset_name)
-    train_rows, held_rows = split_by_group(examples, cfg.run.eval_samples, cfg.run.split_seed)
-    random.Random(cfg.run.split_seed).shuffle(train_rows)
-    if cfg.run.train_samples:
-        train_rows = train_rows[:cfg.run.train_samples]
+    data = load_rows(data_sources(cfg), sft_row, "sft_instruction", SFT_TYPES, SFT_COLUMNS)
+    train_rows, held_rows = held_out(data, cfg.run.eval_samples, cfg.run.split_seed)
+    if data.streaming:
+        if cfg.run.train_samples:
+            train_rows = train_rows.take(cfg.run.train_samples)
+    else:
+        random.Random(cfg.run.split_seed).shuffle(train_rows)
+        if cfg.run.train_samples:
+            train_rows = train_rows[:cfg.run.train_samples]
     held_out_tasks = {}
     for name in cfg.run.held_out_tasks or []:
         rows = load_examples(name)
-        held_out_tasks[name] = random.Random(cfg.run.split_seed).sample(rows, min(cfg.run.eval_samples, len(rows)))
-    return train_rows, held_rows[:cfg.run.eval_samples], held_out_tasks
+        n = min(cfg.run.eval_samples or len(held_rows), len(rows))
+        held_out_tasks[name] = random.Random(cfg.run.split_seed).sample(rows, n)
+    return train_rows, held_rows, held_out_tasks, data
 
 
-def _train_dataset(rows: list[dict], system_prompt: str | None):
+def _train_dataset(rows, system_prompt: str | None, tokenizer, max_length: int) -> tuple:
+    """TRL's conversational prompt/completion rows (completion-only loss); when any row has earlier assistant
+    turns (or the data streams in), conversations pre-tokenized with every assistant turn labelled."""
     from datasets import Dataset
 
+    from hf_tuner.data.chat_masks import tokenized_conversations
+
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return Dataset.from_list([{"prompt": system + r["prompt"], "completion": r["completion"]} for r in rows])
+    if isinstance(rows, list) and all(r["turns"] == 1 for r in rows):
+        return Dataset.from_list([{"prompt": system + r["prompt"], "completion": r["completion"]} for r in rows]), False
+    rows = Dataset.from_list(rows) if isinstance(rows, list) else rows
+    return tokenized_conversations(rows, tokenizer, max_length, system_prompt), True
 
 
 def train(config=None) -> RunResult:
@@ -75,8 +86,15 @@ def train(config=None) -> RunResult:
     if not mcfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (an asset such as smollm2-135m-instruct, a folder or a Hub id)")
     model_path = check_model_source(mcfg.model_name_or_path)
-    train_rows, held_rows, held_out_tasks = _check_and_load_data(cfg)
-    check_batch(len(train_rows), args, cfg.script.dataset_name)
+    train_rows, held_rows, held_out_tasks, data = _check_and_load_data(cfg)
+    if data.streaming:
+        if args.max_steps <= 0:
+            raise ConfigError("dataset_streaming: a stream has no length; set max_steps")
+        if not run.truncation:
+            raise ConfigError("truncation: false checks every row's length before training, which a stream cannot; "
+                              "keep truncation on with dataset_streaming")
+    else:
+        check_batch(len(train_rows), args, data.label)
     if not run.truncation:  # tokenizer only: the rows as the trainer will see them, chat template included
         tokenizer = load_tokenizer(model_path, revision=mcfg.model_revision)
         system = [{"role": "system", "content": run.system_prompt}] if run.system_prompt else []
@@ -84,7 +102,7 @@ def train(config=None) -> RunResult:
             system + r["prompt"] + r["completion"], tokenize=False), add_special_tokens=False).input_ids))
             for r in train_rows], args.max_length)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
-                      total_steps=planned_steps(args, len(train_rows)))
+                      total_steps=planned_steps(args, None if data.streaming else len(train_rows)))
     if peft.prompt_learning and args.packing:
         print(f"note: packing turned off: {peft.method} prepends virtual tokens and would lose sequence boundaries")
         args.packing = False
@@ -124,7 +142,8 @@ def train(config=None) -> RunResult:
     trainer_cls = plain_loss_trainer(SFTTrainer) if peft.plain_loss else SFTTrainer
     if run.compact_loss and not peft.plain_loss and not peft.prompt_learning:  # virtual tokens shift positions
         trainer_cls = compact_loss_trainer(SFTTrainer)
-    trainer = trainer_cls(model=model, args=args, train_dataset=_train_dataset(train_rows, run.system_prompt),
+    train_dataset, _ = _train_dataset(train_rows, run.system_prompt, tokenizer, args.max_length)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset,
                           processing_class=tokenizer, peft_config=peft.config, callbacks=peft.callbacks)
     trainable, total = trainable_parameters(trainer.model)
     trace_ranks(trainer, out)  # only with $HF_TUNER_RANK_TRACE set (multi-process tests)
@@ -146,15 +165,16 @@ def train(config=None) -> RunResult:
         "baselines": {k: v["metrics"] for k, v in results.items() if k not in ("base", "tuned")},
         "tuned": results["tuned"]["metrics"],
         "train": {"runtime_s": runtime, "train_loss": train_output.training_loss,
-                  "steps": trainer.state.global_step, "train_examples": len(train_rows),
-                  "eval_examples": len(held_rows),
+                  "steps": trainer.state.global_step,
+                  "train_examples": None if data.streaming else len(train_rows),
+                  "eval_examples": len(held_rows), "data": data.counts,
                   "train_tokens": trainer.state.num_input_tokens_seen,
                   "train_tokens_per_s": trainer.state.num_input_tokens_seen / runtime,
                   "bf16": bool(args.bf16), "peft_method": peft.method,
                   "trainable_params": trainable, "trainable_percent": 100 * trainable / total,
                   "peak_rss_mb": peak_rss_mb()},
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
-        "tasks": {"trained": [cfg.script.dataset_name], "held_out": list(other)},
+        "tasks": {"trained": [data.label], "held_out": list(other)},
         "held_out_tasks": other,
     }
     generations = [{"prompt": r["prompt"][-1]["content"],

@@ -94,7 +94,7 @@ def test_no_held_out_topic_is_trained_on(tmp_path, general_text):
     from hf_tuner.data.text import pydoc_topics
     from recipes.continued_pretraining import _config as parse, _data
 
-    train_docs, held_docs, general = _data(parse(_config(tmp_path, general_text, eval_documents=10)))
+    train_docs, held_docs, general, _ = _data(parse(_config(tmp_path, general_text, eval_documents=10)))
     held = {d["name"] for d in held_docs}
     assert len(held) == 10 and not held & {d["name"] for d in train_docs}
     assert held | {d["name"] for d in train_docs} == {d["name"] for d in pydoc_topics()}

@@ -5,7 +5,6 @@ import pytest
 
 from conftest import write_jsonl
 from hf_tuner.data import DataError, load_examples, split_by_group
-from hf_tuner.data.files import read_examples
 from hf_tuner.data.wordnet import definition_examples, read_definitions
 
 HEADER = "  1 This software and database is being provided to you by Princeton University\n"
@@ -80,19 +79,15 @@ def test_split_never_puts_a_group_on_both_sides():
         split_by_group(rows, eval_size=30, seed=0)
 
 
-def test_local_files_in_every_form(tmp_path):
+def test_load_examples_reads_every_form_of_one_file(tmp_path):
     pc = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "Q?", "completion": "A."}])
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
             {"role": "assistant", "content": "A."}]
     js = tmp_path / "b.json"
     js.write_text(json.dumps([{"messages": msgs}]))
-    csvf = tmp_path / "c.csv"
-    csvf.write_text('prompt,completion\n"Q?", 0\n')
-    a, b, c = read_examples(pc)[0], read_examples(js)[0], read_examples(csvf)[0]
+    a, b = load_examples(str(pc))[0], load_examples(str(js))[0]
     assert a["prompt"] == [{"role": "user", "content": "Q?"}] and a["completion"][0]["content"] == "A."
     assert b["prompt"] == msgs[:2] and b["completion"] == msgs[2:]
-    assert c["completion"][0]["content"] == " 0"  # CSV text stays text
-    assert load_examples(str(pc))[0]["prompt"] == a["prompt"]
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -108,14 +103,4 @@ def test_bad_rows_are_refused_with_file_and_row(tmp_path, lines, message):
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message):
-        read_examples(path)
-
-
-def test_missing_and_unsupported_files(tmp_path):
-    with pytest.raises(DataError, match="data file not found"):
-        load_examples(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DataError, match="unsupported file type"):
-        read_examples(tmp_path / "x.txt")
-    with pytest.raises(DataError, match="not a known dataset asset"):
-        load_examples("some-dataset")
+        load_examples(str(path))

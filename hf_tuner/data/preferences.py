@@ -6,8 +6,8 @@ the texts a row was built from, so a split never puts one text on both sides.
 - vader ground truth (`vader-sentiment`): the mean rating of ~20 human raters per movie-review snippet.
   Two snippets whose ratings differ by at least `min_gap` make a pair; chosen = the more positive one.
   Snippets are split first, so held-out pairs are built from held-out snippets only.
-- files (.jsonl/.json/.csv), one shape per row:
-    {"chosen": ..., "rejected": ...}                     (optionally with "prompt")
+- any source the loader reads (files, save_to_disk and repo folders, Hub ids), one shape per row:
+    {"chosen": ..., "rejected": ...}                     (optionally with "prompt"; text or messages)
     {"prompt": ..., "ranking": [best, ..., worst]}       expanded into all ordered pairs
     {"prompt": ..., "tie": true, "responses": [...]}      a judged tie (`hf-tuner label` writes them): no pair
   Extra fields (annotator, timestamp, ...) are kept out of training but allowed.
@@ -19,43 +19,40 @@ import random
 from itertools import combinations
 from pathlib import Path
 
-from hf_tuner.data.files import SUFFIXES, DataError, _read_rows, _text
+from hf_tuner.data.files import DataError
+from hf_tuner.data.formats import preference_row, prompt_row
 
 DEFAULT_SOURCE = "movieReviewSnippets"
+# `ranking` and `tie` rows (hf-tuner label writes them) have a prompt and no chosen/rejected: TRL calls that
+# prompt-only, so it is accepted here and each row is checked for its own shape.
+PREFERENCE_TYPES = {"preference": "chosen + rejected (prompt optional)", "prompt_only": "prompt + ranking or tie"}
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "group", "where")
 
 
-def _pair_row(raw, where: str) -> list[dict]:
-    if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected an object with columns, got {type(raw).__name__}")
-    prompt = raw.get("prompt") or ""
-    if not isinstance(prompt, str):
-        raise DataError(f"{where}: `prompt` must be text (conversational preference rows are not supported yet)")
-    if raw.get("tie") is True:  # a person found the responses equally good: a record, not a training pair
-        return []
-    if "ranking" in raw:
-        ranking = raw["ranking"]
-        if not isinstance(ranking, list) or len(ranking) < 2:
-            raise DataError(f"{where}: `ranking` must be a list of at least two responses, best first")
-        texts = [_text(t, where, f"ranking[{i}]") for i, t in enumerate(ranking)]
-        return [{"prompt": prompt, "chosen": a, "rejected": b, "group": prompt or f"{where}"}
-                for a, b in combinations(texts, 2)]
-    missing = [c for c in ("chosen", "rejected") if c not in raw]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {', '.join(f'`{c}`' for c in missing)}: need `chosen` and "
-                        f"`rejected` (optionally `prompt`), or `prompt` and `ranking` (columns: {', '.join(raw)})")
-    chosen, rejected = _text(raw["chosen"], where, "chosen"), _text(raw["rejected"], where, "rejected")
-    if chosen == rejected:
-        raise DataError(f"{where}: `chosen` and `rejected` are the same text")
-    return [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "group": prompt or chosen}]
+def is_vader(name) -> bool:
+    """The `vader-sentiment` asset, or a local folder of its *_GroundTruth.txt files."""
+    if not isinstance(name, str):
+        return False
+    path = Path(name).expanduser()
+    return name == "vader-sentiment" or (path.is_dir() and any(path.glob("*_GroundTruth.txt")))
+
+
+def _sources(dataset):
+    from hf_tuner.data.sources import DataSource
+
+    return [DataSource(dataset)] if isinstance(dataset, str) else list(dataset)
 
 
 def read_preference_file(path: str | Path) -> list[dict]:
+    """Every pair of one local file, through the one loader (hf_tuner.data.loader)."""
+    from hf_tuner.data.loader import load_rows
+    from hf_tuner.data.sources import DataSource
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"preference file not found: {path}")
-    if path.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {sorted(SUFFIXES)}")
-    rows = [pair for i, raw in _read_rows(path) for pair in _pair_row(raw, f"{path} row {i}")]
+    rows = load_rows([DataSource(str(path), test_split=None)], preference_row, "reward_model",
+                     PREFERENCE_TYPES, PREFERENCE_COLUMNS).train
     if not rows:
         raise DataError(f"{path}: no preference rows")
     return rows
@@ -93,53 +90,93 @@ def vader_snippet_split(dataset_name: str, sources: list[str] | None, eval_snipp
     return split_by_group(rows, eval_snippets, seed)
 
 
+def chat_prompt_renderer(model_path: str):
+    """messages -> the policy's prompt text (its chat template, with the generation prompt); the tokenizer
+    loads on first use, so only conversational prompt data pays for it. The data layer loads no model."""
+    state = {}
+
+    def render(messages: list[dict]) -> str:
+        if "tokenizer" not in state:
+            from transformers import AutoTokenizer
+
+            state["tokenizer"] = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = state["tokenizer"]
+        if not tokenizer.chat_template:
+            raise DataError(f"conversational prompts need a chat template; {model_path} has none")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+def with_prompt(pair: dict) -> dict:
+    """A pair whose prompt is implicit (the shared start of chosen and rejected) made explicit, TRL's way."""
+    if pair["prompt"]:
+        return pair
+    from trl.data_utils import extract_prompt
+
+    parts = extract_prompt({"chosen": pair["chosen"], "rejected": pair["rejected"]})
+    return {**pair, **{k: v.strip() if isinstance(v, str) else v for k, v in parts.items()},
+            "chosen": parts["chosen"], "rejected": parts["rejected"]}
+
+
 def opening(text: str, words: int) -> str:
     """The first `words` words of a snippet: the prompt an RL policy continues."""
     return " ".join(text.split()[:words])
 
 
-def load_preferences(dataset_name: str, sources: list[str] | None = None, train_pairs: int = 4000,
-                     eval_pairs: int = 500, eval_snippets: int = 1000, min_gap: float = 1.0,
+def load_preferences(dataset, sources: list[str] | None = None, train_pairs: int = 4000,
+                     eval_pairs: int | None = 500, eval_snippets: int = 1000, min_gap: float = 1.0,
                      seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train pairs, held-out pairs) from `vader-sentiment` (or a folder of its files) or a preference file.
+    """(train pairs, held-out pairs) from `vader-sentiment` (or a folder of its files), or any preference data
+    the loader reads (a name or a list of DataSource): standard or conversational, explicit or implicit prompt.
 
-    For a file, whole groups (the prompt, or the chosen text when there is none) are held out."""
-    from hf_tuner import assets
-    from hf_tuner.data import split_by_group
+    The dataset's test split is the held-out set when it has one; otherwise whole groups (the prompt, or the
+    chosen text when there is none) are held out."""
+    from hf_tuner.data.loader import held_out, load_rows
 
-    path = Path(dataset_name).expanduser()
-    if dataset_name not in assets.ASSETS and (path.suffix in SUFFIXES or path.is_file()):
-        rows = read_preference_file(path)
-        groups = len({r["group"] for r in rows})
-        train, held = split_by_group(rows, max(1, min(eval_pairs, groups // 5)), seed)
+    if not is_vader(dataset if isinstance(dataset, str) else dataset[0].name if len(dataset) == 1 else None):
+        data = load_rows(_sources(dataset), preference_row, "reward_model", PREFERENCE_TYPES, PREFERENCE_COLUMNS)
+        if not data.train:
+            raise DataError(f"{data.label}: no preference rows")
+        groups = len({r["group"] for r in data.train})
+        size = eval_pairs if data.test is not None else max(1, min(eval_pairs or 500, groups // 5))
+        train, held = held_out(data, size, seed)
         return train[:train_pairs] if train_pairs else train, held
-    train_snippets, held_snippets = vader_snippet_split(dataset_name, sources, eval_snippets, seed)
+    name = dataset if isinstance(dataset, str) else dataset[0].name
+    train_snippets, held_snippets = vader_snippet_split(name, sources, eval_snippets, seed)
     return (rating_pairs(train_snippets, train_pairs, min_gap, seed),
-            rating_pairs(held_snippets, eval_pairs, min_gap, seed + 1))
+            rating_pairs(held_snippets, eval_pairs or 500, min_gap, seed + 1))
 
 
-def rl_prompts(dataset_name: str, sources: list[str] | None, eval_snippets: int, seed: int, prompt_words: int,
-               eval_prompts: int, train_cap: int | None = None) -> tuple[list[str], list[str], list[dict]]:
+def rl_prompts(dataset, sources: list[str] | None, eval_snippets: int, seed: int, prompt_words: int,
+               eval_prompts: int | None, train_cap: int | None = None,
+               render=None) -> tuple[list[str], list[str], list[dict]]:
     """(train prompts, held-out prompts, held-out pairs) for RL and DPO.
 
     vader: the openings (`prompt_words` words) of snippets; held-out prompts open the snippets a reward model
     trained with the same `eval_snippets` and `seed` never saw, and the held-out pairs (for the reward
-    gate) come from those snippets too. A local file: its `prompt` column, whole prompts held out."""
-    from hf_tuner import assets
-    from hf_tuner.data import split_by_group
+    gate) come from those snippets too. Any other source (a name or a list of DataSource): prompt-only rows
+    (standard, or conversational rendered to text by `render(messages)`), held out by its test split or by
+    whole prompts."""
+    from hf_tuner.data.loader import held_out, load_rows
 
-    path = Path(dataset_name).expanduser()
-    if dataset_name not in assets.ASSETS and path.suffix in SUFFIXES:
-        if not path.is_file():
-            raise DataError(f"prompt file not found: {path}")
-        rows = []
-        for i, raw in _read_rows(path):
-            prompt = raw.get("prompt") if isinstance(raw, dict) else None
-            rows.append({"prompt": _text(prompt, f"{path} row {i}", "prompt"), "group": prompt})
-        train, held = split_by_group(rows, max(1, min(eval_prompts, len(rows) // 5)), seed)
-        train_prompts, held_prompts, pairs = [r["prompt"] for r in train], [r["prompt"] for r in held], []
+    name = dataset if isinstance(dataset, str) else dataset[0].name if len(dataset) == 1 else None
+    if not is_vader(name):
+        data = load_rows(_sources(dataset), prompt_row, "ppo_rlhf", {"prompt_only": "prompt"},
+                         ("prompt", "group", "where"))
+        size = eval_prompts if data.test is not None else max(1, min(eval_prompts or 64, len(data.train) // 5))
+        train, held = held_out(data, size, seed)
+
+        def text(p):
+            if isinstance(p, str):
+                return p
+            if render is None:
+                raise DataError("conversational prompts need the policy's chat template to become text")
+            return render(p)
+
+        train_prompts, held_prompts, pairs = [text(r["prompt"]) for r in train], [text(r["prompt"]) for r in held], []
     else:
-        train, held = vader_snippet_split(dataset_name, sources, eval_snippets, seed)
+        train, held = vader_snippet_split(name, sources, eval_snippets, seed)
         held_prompts = sorted({opening(r["text"], prompt_words) for r in held
                                if len(r["text"].split()) > prompt_words + 2})
         train_prompts = sorted({opening(r["text"], prompt_words) for r in train

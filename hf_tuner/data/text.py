@@ -120,6 +120,52 @@ def chunk_documents(texts: list[str], tokenizer, block_size: int, word_offsets: 
     return Dataset.from_dict(blocks)
 
 
+def chunk_dataset(ds, tokenizer, block_size: int, word_offsets: bool = False, max_blocks: int | None = None):
+    """`chunk_documents` as two batched `map`s over a Dataset or a streaming IterableDataset of {"text"} rows:
+    tokenize, then concatenate and cut each batch of 1,000 documents into blocks (run_clm's group_texts; the
+    remainder of each batch is dropped). A file-backed dataset is tokenized once and served from the datasets
+    cache on the next run; a stream is tokenized as it is read, so memory does not grow with the corpus."""
+    from datasets import Dataset
+
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size}: need at least 2 tokens")
+    columns = ["input_ids"] + (["offset_mapping", "special_tokens_mask"] if word_offsets else [])
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict) -> dict:
+        enc = tokenizer(batch["text"], add_special_tokens=True, return_offsets_mapping=word_offsets,
+                        return_special_tokens_mask=word_offsets, verbose=False)
+        out = {c: [list(x) for x in enc[c]] for c in columns}
+        for i, ids in enumerate(out["input_ids"]):
+            if eos is not None and (not ids or ids[-1] != eos):  # e.g. Llama tokenizers add no end token
+                ids.append(eos)
+                if word_offsets:
+                    out["offset_mapping"][i].append((0, 0))
+                    out["special_tokens_mask"][i].append(1)
+        if word_offsets:
+            out["offset_mapping"] = [[list(o) for o in row] for row in out["offset_mapping"]]
+        return out
+
+    def group(batch: dict) -> dict:
+        flat = {c: [t for row in batch[c] for t in row] for c in columns}
+        n = len(flat["input_ids"]) // block_size
+        blocks = {c: [v[k * block_size:(k + 1) * block_size] for k in range(n)] for c, v in flat.items()}
+        blocks["attention_mask"] = [[1] * block_size for _ in range(n)]
+        if not word_offsets:
+            blocks["labels"] = [list(row) for row in blocks["input_ids"]]
+        return blocks
+
+    names = ds.column_names or list(next(iter(ds)).keys())
+    desc = isinstance(ds, Dataset)
+    ds = ds.map(tokenize, batched=True, remove_columns=names, **({"desc": "tokenizing"} if desc else {}))
+    ds = ds.map(group, batched=True, **({"desc": f"grouping into blocks of {block_size}"} if desc else {}))
+    if isinstance(ds, Dataset):
+        if len(ds) == 0:
+            raise DataError(f"the training text makes no block of {block_size} tokens; lower block_size")
+        return ds.select(range(min(max_blocks, len(ds)))) if max_blocks else ds
+    return ds.take(max_blocks) if max_blocks else ds
+
+
 def whole_word_mask_collator(tokenizer, mlm_probability: float = 0.15, seed: int | None = None):
     """transformers' own whole-word masking (DataCollatorForLanguageModeling(whole_word_mask=True)):
     a word is a run of tokens with no gap in their character offsets; each word is picked with
