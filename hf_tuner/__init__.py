@@ -13,3 +13,11 @@ __version__ = "0.1.0"
 _warnings.filterwarnings(
     "ignore", category=FutureWarning,
     message=r"`(is_)?gradient_checkpointing(_kwargs)?` is deprecated and will be removed in v6")
+
+# bitsandbytes logs, at import on CPUs with AVX512-BF16, that it could not fetch its 4-bit CPU kernel from the Hub
+# through the optional `kernels` package. Nothing here uses that kernel (QLoRA on CPU falls back to bitsandbytes'
+# own), and on an offline machine the advice to install `kernels` would only lead to a network fetch.
+import logging as _logging  # noqa: E402
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))

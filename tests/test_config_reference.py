@@ -202,3 +202,17 @@ def test_known_deprecation_warnings_are_filtered():
     assert len(messages(with_filter=False)) == 2, transformers.__version__  # the calls warn on this version
     assert messages(with_filter=True) == []
     assert Path(hf_tuner.__file__).read_text().count("filterwarnings(") == 1  # one place
+
+
+def test_bitsandbytes_kernel_notice_is_filtered_and_nothing_else():
+    import logging
+
+    import hf_tuner  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def shown(message: str) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, (), None)))
+
+    assert not shown("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+    assert shown("some other bitsandbytes warning")
