@@ -92,8 +92,12 @@ def recipe_classes(recipe: str) -> RecipeClasses:
         raise ValueError(f"recipes/{recipe}.py has no _config(source): cannot tell which config classes it parses")
     seen: dict = {}
 
-    def probe(training_cls, source=None, run_cls=config.RunArguments):
-        seen.update(training=training_cls, run=run_cls)
+    signature = inspect.signature(config.parse_config)
+
+    def probe(*args, **kwargs):  # whatever else parse_config takes, only its two classes matter here
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        seen.update(training=bound.arguments["training_cls"], run=bound.arguments["run_cls"])
         raise _Captured
 
     saved = module.__dict__.get("parse_config"), config.parse_config
