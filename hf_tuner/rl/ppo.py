@@ -3,8 +3,10 @@
 TRL removed its PPOTrainer after 1.12.0, so this is our own, following InstructGPT and "The N+
 implementation details of RLHF with PPO" (Huang et al. 2024):
 
-- rollouts sampled from the policy at `temperature`; logits divided by the same temperature when scoring;
-- responses truncated after the first EOS; an optional penalty when no EOS was produced;
+- rollouts sampled from the policy at `temperature` under an explicit generation config (nothing of the
+  checkpoint's own leaks in); logits divided by the same temperature, and EOS banned at the first step as
+  in sampling, when scoring (hf_tuner.policy_sampling);
+- responses truncated after the first of any EOS id; an optional penalty when no EOS was produced;
 - reward = reward-model score at the last response token, minus a per-token KL penalty
   kl_coef * (log pi - log pi_ref), with a fixed or adaptive (Ziegler et al. 2019) coefficient;
 - GAE (gamma, lambda), whitened advantages, returns = advantages + values;
@@ -21,11 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from hf_tuner.config import ConfigError
+# sampling the policy and scoring its samples are shared with the RL evaluation, so they sit a layer below both
+from hf_tuner.policy_sampling import (eos_token_ids, forward_logprobs, reference_context,  # noqa: F401
+                                      sample_responses)
 
 log = logging.getLogger(__name__)
 
@@ -125,84 +131,24 @@ class KLController:
             self.value *= 1 + error * n_episodes / self.horizon
 
 
-# ---- rollouts and scoring ----
+def check_minibatches(batch_size: int, num_mini_batches: int) -> None:
+    """Each rollout batch splits into num_mini_batches equal minibatches, or the config is refused (as TRL
+    1.12's PPO refused it): with 10 prompts in 3 minibatches, 10 // 3 = 3 gives 4 optimizer steps an epoch,
+    one on a single sample, and the scheduler, sized for 3, runs out early."""
+    if num_mini_batches < 1:
+        raise ConfigError(f"num_mini_batches={num_mini_batches}: needs at least 1")
+    if batch_size % num_mini_batches:
+        raise ConfigError(f"per_device_train_batch_size={batch_size} is not a multiple of num_mini_batches="
+                          f"{num_mini_batches}: each PPO rollout batch must split into equal minibatches. Choose "
+                          f"num_mini_batches among {[d for d in range(1, batch_size + 1) if batch_size % d == 0]}.")
+
+
+# ---- rollouts and scoring: hf_tuner.policy_sampling ----
 
 def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[str], response_length: int, temperature: float | None,
-                     batch_size: int = 16, seed: int | None = None):
-    """Sample (or, with temperature None, greedily decode) one response per prompt.
-
-    Returns (query ids left-padded (N, Q), query mask, response ids (N, R) padded after the first EOS,
-    response mask, response texts, ended (N,) bool: an EOS was produced)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(e) for e in enc)
-    queries = torch.full((len(prompts), width), pad, dtype=torch.long)
-    qmask = torch.zeros_like(queries)
-    for i, ids in enumerate(enc):
-        queries[i, width - len(ids):] = torch.tensor(ids)
-        qmask[i, width - len(ids):] = 1
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else \
-        {"do_sample": False}
-    chunks = []
-    try:
-        for s in range(0, len(prompts), batch_size):
-            out = model.generate(input_ids=queries[s:s + batch_size].to(device),
-                                 attention_mask=qmask[s:s + batch_size].to(device),
-                                 max_new_tokens=response_length, min_new_tokens=1, pad_token_id=pad, **sampling)
-            resp = out[:, width:].cpu()
-            chunks.append(torch.nn.functional.pad(resp, (0, response_length - resp.shape[1]), value=pad))
-    finally:
-        model.train(was_training)
-    responses = torch.cat(chunks)
-    is_eos = responses == eos if eos is not None else torch.zeros_like(responses, dtype=torch.bool)
-    ended = is_eos.any(1)
-    first_eos = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, response_length - 1, dtype=torch.long))
-    rmask = (torch.arange(response_length)[None, :] <= first_eos[:, None]).long()
-    responses = torch.where(rmask.bool(), responses, torch.full_like(responses, pad))
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return queries, qmask, responses, rmask, texts, ended
-
-
-def forward_logprobs(model, queries, qmask, responses, rmask, temperature: float, value_head=None,
-                     with_entropy: bool = False):
-    """Per-token log-probs of the responses (logits / temperature), plus values and entropy when asked.
-
-    Position ids follow the attention mask, as in generation with left padding."""
-    input_ids = torch.cat([queries, responses], 1)
-    attention = torch.cat([qmask, rmask], 1)
-    position_ids = (attention.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                output_hidden_states=value_head is not None, use_cache=False)
-    q = queries.shape[1]
-    logits = out.logits[:, q - 1:-1].float() / (temperature or 1.0)
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
-    logprobs = selective_log_softmax(logits, responses) * rmask
-    values = value_head(out.hidden_states[-1][:, q - 1:-1]).squeeze(-1).float() * rmask if value_head else None
-    entropy = entropy_from_logits(logits) * rmask if with_entropy else None
-    return logprobs, values, entropy
-
-
-def reference_context(model, ref_model):
-    """The reference policy: a separate frozen model, or this PEFT model with its adapter disabled."""
-    if ref_model is not None:
-        return ref_model, nullcontext()
-    if hasattr(model, "disable_adapter"):
-        return model, model.disable_adapter()
-    raise ValueError("full fine-tuning needs a separate reference model (ref_model)")
 
 
 class PPOTrainer:
@@ -213,7 +159,9 @@ class PPOTrainer:
         from accelerate import Accelerator
         from transformers import get_scheduler
 
+        check_minibatches(args.per_device_train_batch_size, ppo.num_mini_batches)
         self.args, self.ppo, self.tokenizer, self.reward_fn = args, ppo, tokenizer, reward_fn
+        self.eos_ids = eos_token_ids(policy, tokenizer)  # the ids rollouts end at, banned at first when scoring
         self.accelerator = accelerator or Accelerator(cpu=bool(args.use_cpu),
                                                       mixed_precision="bf16" if args.bf16 else "no")
         disable_dropout(policy)
@@ -247,10 +195,11 @@ class PPOTrainer:
         q, qm, r, rm = q.to(dev), qm.to(dev), r.to(dev), rm.to(dev)
         value_head = self.accelerator.unwrap_model(self.value_head)
         with self.accelerator.autocast():
-            logprobs, values, _ = forward_logprobs(model, q, qm, r, rm, ppo.temperature, value_head)
+            logprobs, values, _ = forward_logprobs(model, q, qm, r, rm, ppo.temperature, value_head,
+                                                   eos_ids=self.eos_ids)
             ref, ctx = reference_context(model, self.ref_model)
             with ctx:
-                ref_logprobs, _, _ = forward_logprobs(ref, q, qm, r, rm, ppo.temperature)
+                ref_logprobs, _, _ = forward_logprobs(ref, q, qm, r, rm, ppo.temperature, eos_ids=self.eos_ids)
         scores = torch.tensor(self.reward_fn(prompts, texts), dtype=torch.float, device=dev)
         raw_scores = scores.clone()
         if ppo.missing_eos_penalty is not None:
@@ -287,7 +236,8 @@ class PPOTrainer:
         """ppo_epochs passes of num_mini_batches minibatches over one rollout batch; the stats of each."""
         ppo, acc = self.ppo, self.accelerator
         n = len(batch["texts"])
-        mb = max(1, n // ppo.num_mini_batches)
+        check_minibatches(n, ppo.num_mini_batches)
+        mb = n // ppo.num_mini_batches
         stats: dict[str, list] = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [],
                                   "vf_clipfrac": []}
         self.policy.train()
@@ -298,7 +248,7 @@ class PPOTrainer:
                 with acc.autocast():
                     logprobs, values, entropy = forward_logprobs(
                         self.policy, batch["queries"][i], batch["qmask"][i], batch["responses"][i],
-                        batch["rmask"][i], ppo.temperature, self.value_head, with_entropy=True)
+                        batch["rmask"][i], ppo.temperature, self.value_head, with_entropy=True, eos_ids=self.eos_ids)
                 mask = batch["rmask"][i]
                 pg_loss, vf_loss, s_stats = ppo_losses(
                     logprobs, batch["logprobs"][i], batch["advantages"][i], values, batch["values"][i],
