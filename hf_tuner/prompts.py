@@ -42,7 +42,9 @@ def draw_shots(train_rows: list[dict], k: int, seed: int, exclude_groups: set | 
                balance_key: str | None = None) -> list[dict]:
     """k examples from the training rows with a fixed seed, never from `exclude_groups` (held-out ones).
 
-    With `balance_key` (e.g. "label"), classes take turns, so a 2-shot sentiment prompt shows both.
+    With `balance_key` (e.g. "label"), classes take turns, so a 2-shot sentiment prompt shows both. The
+    shots are then shuffled with the seed: in class order, the last shot (the one nearest the question)
+    would always be the same class, and models lean toward the most recent label.
     """
     pool = [r for r in train_rows if not exclude_groups or r.get("group") not in exclude_groups]
     if k > len(pool):
@@ -54,11 +56,13 @@ def draw_shots(train_rows: list[dict], k: int, seed: int, exclude_groups: set | 
     for r in rng.sample(pool, len(pool)):
         by_class.setdefault(r[balance_key], []).append(r)
     classes = sorted(by_class, key=str)
+    rng.shuffle(classes)  # which classes get the extra shots when k is not a multiple of their number
     shots = []
     while len(shots) < k:
         for c in classes:
             if by_class[c] and len(shots) < k:
                 shots.append(by_class[c].pop())
+    rng.shuffle(shots)
     return shots
 
 

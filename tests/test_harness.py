@@ -142,3 +142,38 @@ def test_decoding_presets_and_seeded_sampling(model_and_tokenizer):
     assert s1 == s2
     with pytest.raises(ValueError, match="unknown decoding strategy"):
         DecodingSettings(strategy="nucleus").generate_kwargs()
+
+
+def test_balanced_shots_are_shuffled_with_the_seed():
+    """Balanced k-shot prompts keep both classes, but their order comes from the seed: in sorted class order
+    the shot nearest the question was always the same class."""
+    from hf_tuner.prompts import draw_shots
+
+    train = [{"text": f"t{i}", "label": ["negative", "positive"][i % 2], "group": f"g{i}"} for i in range(40)]
+    orders = {tuple(s["label"] for s in draw_shots(train, 4, seed, balance_key="label")) for seed in range(30)}
+    assert all(sorted(o) == ["negative", "negative", "positive", "positive"] for o in orders)  # still balanced
+    assert {o[-1] for o in orders} == {"negative", "positive"}  # either class can come last
+    assert len(orders) >= 4
+    odd = [draw_shots(train, 3, seed, balance_key="label") for seed in range(30)]  # the extra shot's class varies
+    assert {max(("negative", "positive"), key=[s["label"] for s in shots].count) for shots in odd} == \
+        {"negative", "positive"}
+    assert draw_shots(train, 4, 5, balance_key="label") == draw_shots(train, 4, 5, balance_key="label")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("No.", "no"), ("no, it is not", "no"), ("Yes", "yes"), ("I'm not sure", None), ("I know nothing", None),
+    ("nope, yes", "yes"), ("Not yet: yes!", "yes"), ("yesterday", None), ("(yes)", "yes"), ("NO", "no"),
+])
+def test_label_words_match_whole_words(text, expected):
+    from hf_tuner.evaluation.tasks import ClassificationTask
+
+    assert ClassificationTask("yn", [], labels=["yes", "no"]).parse_label(text) == expected
+
+
+def test_multi_word_label_words_match_whole_words():
+    from hf_tuner.evaluation.tasks import ClassificationTask
+
+    task = ClassificationTask("s", [], labels=[0, 1], label_words={0: "not spam", 1: "spam"})
+    assert task.parse_label("This is not spam.") == 0
+    assert task.parse_label("spammy, but spam") == 1
+    assert task.parse_label("antispam") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from hf_tuner.evaluation.metrics import LABEL_METRICS, ROUGE_TYPES
@@ -66,10 +67,14 @@ class ClassificationTask:
         return template.messages(row, shots=[(s, self.word_of(s["label"])) for s in self.shots])
 
     def parse_label(self, generated: str):
-        """The label whose word appears first in the generation; None if none does."""
+        """The label whose word appears first in the generation, as a whole word ("no" is not in "not" or
+        "know"); None if none does."""
         text = generated.lower()
-        found = [(text.find(self.word_of(label).lower()), i) for i, label in enumerate(self.labels)]
-        found = [(pos, i) for pos, i in found if pos >= 0]
+        found = []
+        for i, label in enumerate(self.labels):
+            match = re.search(rf"(?<!\w){re.escape(self.word_of(label).lower())}(?!\w)", text)
+            if match:
+                found.append((match.start(), i))
         return self.labels[min(found)[1]] if found else None
 
     def with_shots(self, k: int, train_rows: list[dict], seed: int) -> "ClassificationTask":
