@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--baselines", default="zero_shot", help="comma list: zero_shot, one_shot, few_shot_K")
     p_eval.add_argument("--decoding", default="greedy", help="comma list: greedy, beam, sampling, top_k, top_p")
     p_eval.add_argument("--output_dir", required=True)
-    p_eval.add_argument("--eval_samples", type=int, default=200)
-    p_eval.add_argument("--split_seed", type=int, default=0)
+    p_eval.add_argument("--eval_samples", type=int, help="held-out rows (default: the run's, from the config.yaml "
+                        "beside --adapter or --model, when it trained on --task; else 200)")
+    p_eval.add_argument("--split_seed", type=int, help="seed of the held-out split (default: the run's; else 0)")
     p_eval.add_argument("--max_new_tokens", type=int, default=48)
     p_eval.add_argument("--batch_size", type=int, default=16)
     p_eval.add_argument("--seed", type=int, default=0)

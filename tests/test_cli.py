@@ -101,3 +101,44 @@ def test_eval_command_tabulates_decoding_strategies(tmp_path, tiny_llama):
     proc = _cli("eval", "--model", "tiny-llama", "--task", str(data), "--decoding", "nucleus",
                 "--output_dir", str(tmp_path / "e2"))
     assert proc.returncode == 2 and "unknown decoding strategy" in proc.stderr
+
+
+def test_eval_of_a_run_uses_the_runs_held_out_split_and_refuses_another(tmp_path, tiny_llama, capsys):
+    """A larger --eval_samples (or another --split_seed) than the run's rebuilt a held-out set with training
+    rows in it. The config.yaml beside the adapter decides; a flag that contradicts it is refused."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import WORDS, write_jsonl
+    from hf_tuner.cli import main
+    from hf_tuner.evaluation.checkpoint_eval import evaluate_checkpoint, held_out_split
+    from hf_tuner.models import load_model
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Define the word '{w}'.", "completion": f"a {w}"}
+                                              for w in WORDS])
+    run = tmp_path / "run"
+    model, tok = load_model(tiny_llama, "causal-lm")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset_name": str(data), "eval_samples": 3, "split_seed": 5,
+                                                     "system_prompt": "Be brief."}))
+    record = evaluate_checkpoint(tiny_llama, str(data), tmp_path / "e1", adapter=str(run / "adapter"),
+                                 max_new_tokens=2)
+    assert record["split"] == {"eval_samples": 3, "split_seed": 5, "from_run_config": str(run / "config.yaml")}
+    assert record["system_prompt"] == "Be brief." and record["eval_examples"] == 3
+    held = held_out_split(str(data), 3, 5)[1]
+    prompts = json.loads((tmp_path / "e1" / "predictions.json").read_text())["prompts"]
+    assert prompts == [r["prompt"][-1]["content"] for r in held]  # exactly the rows the run held out
+    assert main(["eval", "--model", tiny_llama, "--adapter", str(run / "adapter"), "--task", str(data),
+                 "--eval_samples", "8", "--output_dir", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert "--eval_samples 8 (the run used 3)" in err and "would score rows the model trained on" in err
+    with pytest.raises(ValueError, match=r"--split_seed 0 \(the run used 5\)"):
+        evaluate_checkpoint(tiny_llama, str(data), tmp_path / "e3", adapter=str(run / "adapter"), split_seed=0)
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+    # the same values spelled out pass; another task than the run's is not its split to guard
+    assert evaluate_checkpoint(tiny_llama, str(data), tmp_path / "e4", adapter=str(run / "adapter"), eval_samples=3,
+                               split_seed=5, max_new_tokens=2)["eval_examples"] == 3
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": f"Spell '{w}'.", "completion": w} for w in WORDS])
+    record = evaluate_checkpoint(tiny_llama, str(other), tmp_path / "e5", adapter=str(run / "adapter"),
+                                 eval_samples=4, max_new_tokens=2)
+    assert record["split"]["from_run_config"] is None and record["eval_examples"] == 4
