@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install assets test test-slow test-browser demo sft_instruction sft_classification continued_pretraining \
-	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-ppo-peer peft-compare clean-venv
+	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-data bench-ppo-peer peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -135,6 +135,12 @@ bench: assets
 	$(PY) benchmarks/bench_generation.py --output $(BENCH_DIR)/bench_generation.json $(GEN_ARGS)
 	$(PY) benchmarks/bench_sft.py --output_dir $(BENCH_DIR) --generation_json $(BENCH_DIR)/bench_generation.json \
 		$(BENCH_ARGS)
+
+# The data layer at scale: a generated corpus of >= 1 GB through the loader (validation + tokenisation time, the
+# same from the datasets cache, peak RSS streaming vs a 10k-row run); about 15 minutes on 2 CPU cores.
+BENCH_DATA_DIR ?= runs/bench-data
+bench-data: assets
+	$(PY) benchmarks/bench_data.py --output_dir $(BENCH_DATA_DIR) $(BENCH_DATA_ARGS)
 
 # Peer check of our PPO against TRL 1.12.0's PPOTrainer (its own throwaway venv, made on first use; ~15 min).
 bench-ppo-peer: assets

@@ -246,8 +246,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArguments) -> RunConfig:
-    """Build a RunConfig from argv (list or None for sys.argv), a YAML path, a dict, or a RunConfig."""
+# Fields a recipe accepts (they are TRL's or transformers') but does not act on. Set to anything but their
+# default, they are named in a warning and put back to the default, so what runs is what the record says;
+# a recipe that does act on one passes it in `uses`.
+NOT_USED = {
+    "ignore_bias_buffers": "a DDP debugging switch of TRL's example scripts; hf-tuner does not implement it",
+    "eval_strategy": "the shared harness evaluates the base and the tuned model on the held-out set; the Trainer "
+                     "gets no eval set (set to no)",
+    "dataset_text_field": "rows are read by their TRL type (hf_tuner/data/formats.py); rename a column with "
+                          "dataset_columns instead",
+    "assistant_only_loss": "every assistant turn of a multi-turn row already carries loss (hf_tuner/data/chat_masks.py); "
+                           "TRL's option needs {% generation %} markers that most chat templates lack",
+}
+
+
+def warn_unused(cfg: "RunConfig", uses: frozenset | set = frozenset(), unused: dict | None = None) -> None:
+    """Name every given field in NOT_USED (plus `unused`, minus `uses`) whose value is not its default, and
+    put it back to the default."""
+    for name, reason in {**NOT_USED, **(unused or {})}.items():
+        if name in uses or name not in cfg.given:
+            continue
+        for part in cfg.parts():
+            f = next((f for f in dataclasses.fields(part) if f.name == name), None)
+            if f is None:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            value = getattr(part, name)
+            if _plain(value) != _plain(default):
+                print(f"warning: `{name}: {_plain(value)}` is not used by this recipe: {reason}")
+                setattr(part, name, type(value)(default) if isinstance(value, enum.Enum) else default)
+
+
+def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArguments,
+                 uses: frozenset | set = frozenset(), unused: dict | None = None) -> RunConfig:
+    """Build a RunConfig from argv (list or None for sys.argv), a YAML path, a dict, or a RunConfig.
+
+    `uses`: fields of NOT_USED this recipe does act on; `unused`: more fields it accepts and ignores."""
     import sys
 
     from trl import ModelConfig, ScriptArguments
@@ -307,7 +341,9 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
     _move_secrets_to_environment(training)
     configure_loading(getattr(training, "trust_remote_code", own_trust),
                       getattr(run, "allow_pickle_weights", False))
-    return RunConfig(run, script, training, model, given)
+    cfg = RunConfig(run, script, training, model, given)
+    warn_unused(cfg, uses, unused)
+    return cfg
 
 
 # Config fields that hold credentials: never written to config.yaml, training_args.bin, logs or reports.

@@ -62,8 +62,8 @@ def _data(cfg):
     from hf_tuner.data.text import PYDOC_TOPICS, load_documents, split_documents
 
     kinds = {"language_modeling": "text or messages"}
-    data = load_rows(data_sources(cfg, default=PYDOC_TOPICS), text_row, "continued_pretraining", kinds,
-                     ("text", "messages", "name", "where"))
+    data = load_rows(data_sources(cfg, default=PYDOC_TOPICS, streams=True), text_row, "continued_pretraining", kinds,
+                     ("text", "messages", "name", "where"), materialize=False)
     n = cfg.run.eval_documents
     if data.test is not None:
         train_docs, held_docs = data.train, data.test[:n]
@@ -71,8 +71,10 @@ def _data(cfg):
     elif data.streaming:
         held_docs, train_docs = list(data.train.take(n)), data.train.skip(n)
         print(f"held-out: no test split in {data.label}; the first {n} documents of the stream are held out")
-    else:
-        train_docs, held_docs = split_documents(data.train, n, cfg.run.split_seed)
+    else:  # whole documents carved by index; the training rows stay memory-mapped Arrow
+        order = list(range(len(data.train)))
+        train_idx, held_idx = split_documents(order, n, cfg.run.split_seed)
+        train_docs, held_docs = data.train.select(train_idx), data.train.select(held_idx).to_list()
     general = load_documents(cfg.run.general_dataset) if cfg.run.general_dataset else []
     return train_docs, held_docs, general, data
 
@@ -80,6 +82,8 @@ def _data(cfg):
 def _as_text(docs, tokenizer):
     """Documents as plain text: `messages` rows rendered with the model's chat template."""
     import json
+
+    from datasets import Dataset
 
     def text(row):
         if row.get("text"):
@@ -90,6 +94,8 @@ def _as_text(docs, tokenizer):
 
     if isinstance(docs, list):
         return [{**d, **text(d)} for d in docs]
+    if isinstance(docs, Dataset) and not any(docs["messages"]):  # all plain text: no rewrite of a large corpus
+        return docs
     return docs.map(text)
 
 
@@ -105,8 +111,6 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.adapters import peft_setup
     from hf_tuner.checkpoints import train_resumable
-    from datasets import Dataset
-
     from hf_tuner.data.text import chunk_dataset, whole_word_mask_collator
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
@@ -153,9 +157,7 @@ def train(config=None) -> RunResult:
     general_results = {"base": evaluate_model(model, tokenizer, general, settings)} if general else {}
 
     # 4. train on the concatenated, chunked training documents
-    texts = _as_text(train_docs, tokenizer)
-    texts = Dataset.from_list([{"text": d["text"]} for d in texts]) if isinstance(texts, list) else \
-        texts.select_columns(["text"])
+    texts = _as_text(train_docs, tokenizer).select_columns(["text"])
     blocks = chunk_dataset(texts, tokenizer, run.block_size, word_offsets=mlm, max_blocks=run.train_samples)
     if peft.config is not None:
         model = get_peft_model(model, peft.config)

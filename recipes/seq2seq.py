@@ -37,7 +37,7 @@ class Seq2SeqArguments(RunArguments):
 def _config(source):
     from transformers import Seq2SeqTrainingArguments
 
-    cfg = parse_config(Seq2SeqTrainingArguments, source, run_cls=Seq2SeqArguments)
+    cfg = parse_config(Seq2SeqTrainingArguments, source, run_cls=Seq2SeqArguments, uses={"eval_strategy"})
     cfg.training.predict_with_generate = True  # the trainer's evaluation generates, as the harness does
     cfg.training.generation_max_length = cfg.training.generation_max_length or cfg.run.eval_max_new_tokens
     return cfg

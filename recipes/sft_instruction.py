@@ -32,7 +32,7 @@ def _check_and_load_data(cfg: RunConfig):
     """(train rows, or a stream of them; held-out rows; held-out tasks; the loaded data's record)."""
     from hf_tuner.data import SFT_COLUMNS, SFT_TYPES, data_sources, held_out, load_examples, load_rows, sft_row
 
-    data = load_rows(data_sources(cfg), sft_row, "sft_instruction", SFT_TYPES, SFT_COLUMNS)
+    data = load_rows(data_sources(cfg, streams=True), sft_row, "sft_instruction", SFT_TYPES, SFT_COLUMNS)
     train_rows, held_rows = held_out(data, cfg.run.eval_samples, cfg.run.split_seed)
     if data.streaming:
         if cfg.run.train_samples:

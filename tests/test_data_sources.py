@@ -280,3 +280,30 @@ def test_vader_still_builds_pairs(tmp_path):
     train, held = load_preferences([DataSource(str(folder))], ["movieReviewSnippets"], train_pairs=50, eval_pairs=10,
                                    eval_snippets=10, seed=0)
     assert len(train) == 50 and len(held) == 10
+
+
+def test_fields_a_recipe_does_not_use_are_named_and_reset(tmp_path, capsys):
+    from trl import SFTConfig
+
+    from hf_tuner.config import parse_config
+
+    cfg = parse_config(SFTConfig, {"eval_strategy": "epoch", "dataset_text_field": "content", "seed": 3,
+                                   "output_dir": str(tmp_path / "o")})
+    out = capsys.readouterr().out
+    assert "warning: `eval_strategy: epoch` is not used by this recipe" in out
+    assert "warning: `dataset_text_field: content` is not used" in out and "`seed" not in out
+    assert cfg.training.eval_strategy == "no" and cfg.training.dataset_text_field == "text"
+    kept = parse_config(SFTConfig, {"eval_strategy": "epoch", "output_dir": str(tmp_path / "o")},
+                        uses={"eval_strategy"})
+    assert kept.training.eval_strategy == "epoch"
+
+
+def test_a_recipe_that_cannot_stream_refuses_dataset_streaming(tmp_path):
+    from recipes.reward_model import train
+
+    data = write_jsonl(tmp_path / "p.jsonl", PREF_STD)
+    with pytest.raises(DataError, match="dataset_streaming: this recipe reads its data into memory; "
+                                        "continued_pretraining and sft_instruction stream"):
+        train({"model_name_or_path": "tiny-bert", "dataset_name": str(data), "dataset_streaming": True,
+               "output_dir": str(tmp_path / "run")})
+    assert not (tmp_path / "run").exists()

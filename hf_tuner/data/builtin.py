@@ -12,8 +12,7 @@ def _wordnet() -> list[dict]:
     from hf_tuner import assets
     from hf_tuner.data.wordnet import definition_examples
 
-    return [{"prompt": r["prompt"], "completion": r["completion"]}
-            for r in definition_examples(assets.resolve("wordnet-definitions"))]
+    return definition_examples(assets.resolve("wordnet-definitions"))  # group: the word (the split unit)
 
 
 def _pydoc() -> list[dict]:

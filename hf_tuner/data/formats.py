@@ -159,8 +159,9 @@ def sft_row(raw: dict, where: str) -> dict:
         raise DataError(f"{where}: missing columns: need `prompt` and `completion`, or `messages` "
                         f"(columns: {', '.join(map(str, raw)) or 'none'})")
     turns = 1 + sum(m["role"] == "assistant" for m in prompt)
-    return {"prompt": prompt, "completion": completion, "turns": turns,
-            "group": json.dumps(prompt, sort_keys=True), "where": where}
+    # identical prompts stay on one side of a split; a `group` column (e.g. the word defined) decides instead
+    group = str(raw["group"]) if "group" in raw else json.dumps(prompt, sort_keys=True)
+    return {"prompt": prompt, "completion": completion, "turns": turns, "group": group, "where": where}
 
 
 def flatten(value) -> str:

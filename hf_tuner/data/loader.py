@@ -39,9 +39,15 @@ class Loaded:
     notes: list = field(default_factory=list)
 
 
-def data_sources(cfg, default: str | None = None) -> list[DataSource]:
-    """The sources a config names: `dataset_mixture`, else dataset_name with TRL's split fields."""
+STREAMING_RECIPES = "continued_pretraining and sft_instruction"
+
+
+def data_sources(cfg, default: str | None = None, streams: bool = False) -> list[DataSource]:
+    """The sources a config names: `dataset_mixture`, else dataset_name with TRL's split fields.
+    `streams`: the recipe trains from an IterableDataset; the others refuse dataset_streaming."""
     script, run = cfg.script, cfg.run
+    if script.dataset_streaming and not streams:
+        raise DataError(f"dataset_streaming: this recipe reads its data into memory; {STREAMING_RECIPES} stream")
     mixture = getattr(run, "dataset_mixture", None)
     given = getattr(cfg, "given", frozenset())
     if mixture:
@@ -127,9 +133,10 @@ def checked(ds, row_fn: Callable, where: Callable[[int], str], mapping: dict | N
 
 
 def load_rows(sources: list[DataSource], row_fn: Callable, recipe: str, kinds: dict | tuple,
-              columns: tuple[str, ...]) -> Loaded:
+              columns: tuple[str, ...], materialize: bool = True) -> Loaded:
     """Open every source, check its type against what `recipe` takes, and check every row (streaming: as
-    read). Rows carry `source` when several datasets are mixed."""
+    read). Rows carry `source` when several datasets are mixed. materialize=False keeps the training rows an
+    Arrow-backed Dataset (memory-mapped, for corpora larger than memory) instead of a list."""
     from datasets import concatenate_datasets
     from datasets import interleave_datasets
 
@@ -161,9 +168,10 @@ def load_rows(sources: list[DataSource], row_fn: Callable, recipe: str, kinds: d
         train = trains[0] if len(trains) == 1 else interleave_datasets(trains, seed=0)
         test = [r for t in tests for r in t] if tests else None
     else:
-        train = (trains[0] if len(trains) == 1 else concatenate_datasets(trains)).to_list()
+        train = trains[0] if len(trains) == 1 else concatenate_datasets(trains)
+        train = train.to_list() if materialize else train
         test = concatenate_datasets(tests).to_list() if tests else None
-        if not train:
+        if not len(train):
             raise DataError(f"{', '.join(s.label() for s in sources)}: no usable training rows")
     if tests and len(tests) < len(sources):
         notes.append("held-out: only some mixture sources have a test split; those splits are the held-out set")

@@ -121,7 +121,7 @@ def chunk_documents(texts: list[str], tokenizer, block_size: int, word_offsets: 
 
 
 def chunk_dataset(ds, tokenizer, block_size: int, word_offsets: bool = False, max_blocks: int | None = None):
-    """`chunk_documents` as two batched `map`s over a Dataset or a streaming IterableDataset of {"text"} rows:
+    """`chunk_documents` as one batched `map` over a Dataset or a streaming IterableDataset of {"text"} rows:
     tokenize, then concatenate and cut each batch of 1,000 documents into blocks (run_clm's group_texts; the
     remainder of each batch is dropped). A file-backed dataset is tokenized once and served from the datasets
     cache on the next run; a stream is tokenized as it is read, so memory does not grow with the corpus."""
@@ -155,10 +155,12 @@ def chunk_dataset(ds, tokenizer, block_size: int, word_offsets: bool = False, ma
             blocks["labels"] = [list(row) for row in blocks["input_ids"]]
         return blocks
 
+    def blocks(batch: dict) -> dict:  # one pass: the token lists of a batch never go through Arrow
+        return group(tokenize(batch))
+
     names = ds.column_names or list(next(iter(ds)).keys())
-    desc = isinstance(ds, Dataset)
-    ds = ds.map(tokenize, batched=True, remove_columns=names, **({"desc": "tokenizing"} if desc else {}))
-    ds = ds.map(group, batched=True, **({"desc": f"grouping into blocks of {block_size}"} if desc else {}))
+    desc = {"desc": f"tokenizing into blocks of {block_size}"} if isinstance(ds, Dataset) else {}
+    ds = ds.map(blocks, batched=True, remove_columns=names, **desc)
     if isinstance(ds, Dataset):
         if len(ds) == 0:
             raise DataError(f"the training text makes no block of {block_size} tokens; lower block_size")
