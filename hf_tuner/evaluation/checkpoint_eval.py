@@ -14,17 +14,23 @@ from hf_tuner.generation import DECODING_PRESETS, DecodingSettings
 from hf_tuner.prompts import baseline_shots
 
 
-def held_out_split(dataset_name: str, eval_samples: int, split_seed: int):
-    """The same train/held-out split the recipes use, so `eval` scores the words a recipe held out."""
-    from hf_tuner.data import load_examples, split_by_group
+def held_out_split(dataset_name: str, eval_samples: int | None, split_seed: int, config: dict | None = None):
+    """The same train/held-out split the recipes use (the dataset's test split, or the group-aware carve), so
+    `eval` scores the rows a recipe held out. `config`: the run's config.yaml, whose dataset fields
+    (dataset_config, splits, dataset_columns) choose the data as they did in the run."""
+    from hf_tuner.data import SFT_COLUMNS, SFT_TYPES, DataSource, held_out, load_rows, sft_row
 
-    train_rows, held_rows = split_by_group(load_examples(dataset_name), eval_samples, split_seed)
+    config = config or {}
+    src = DataSource(dataset_name, config.get("dataset_config"), config.get("dataset_train_split") or "train",
+                     config.get("dataset_test_split", "test"), columns=config.get("dataset_columns"))
+    train_rows, held_rows = held_out(load_rows([src], sft_row, "eval", SFT_TYPES, SFT_COLUMNS), eval_samples,
+                                     split_seed)
     random.Random(split_seed).shuffle(train_rows)
     return train_rows, held_rows[:eval_samples]
 
 
 SPLIT_FIELDS = ("eval_samples", "split_seed")  # with the dataset, they decide which rows a run held out
-DEFAULT_SPLIT = {"eval_samples": 200, "split_seed": 0}
+DEFAULT_SPLIT = {"eval_samples": None, "split_seed": 0}  # None: the recipes' automatic held-out size
 
 
 def find_run_config(model: str, adapter: str | None) -> Path | None:
@@ -105,7 +111,7 @@ def evaluate_checkpoint(model: str, task: str, output_dir: str | Path, adapter: 
     eval_samples, split_seed = split["eval_samples"], split["split_seed"]
     if config is not None and system_prompt is None:
         system_prompt = config.get("system_prompt")
-    train_rows, held_rows = held_out_split(task, eval_samples, split_seed)
+    train_rows, held_rows = held_out_split(task, eval_samples, split_seed, config)
     net, tokenizer = load_for_eval(model, adapter)
     base_task = GenerationTask("held-out", held_rows, system_prompt=system_prompt)
     results, predictions = {}, {}
