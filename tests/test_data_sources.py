@@ -307,3 +307,10 @@ def test_a_recipe_that_cannot_stream_refuses_dataset_streaming(tmp_path):
         train({"model_name_or_path": "tiny-bert", "dataset_name": str(data), "dataset_streaming": True,
                "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_rebuilds_a_runs_held_out_rows_from_its_config(repo):
+    from hf_tuner.evaluation.checkpoint_eval import held_out_split
+
+    _, held = held_out_split(str(repo), None, 0, {"dataset_config": "pc", "dataset_test_split": "test"})
+    assert [r["prompt"] for r in held] == [r["prompt"] for r in PC_CONV[:4]]  # the run's test split
