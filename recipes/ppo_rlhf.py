@@ -67,7 +67,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
     from hf_tuner.rl.online import finish_rl_run, reward_model_note, timed, train_ppo, train_trl
-    from hf_tuner.rl.rewards import check_reward_gate, load_reward_function
+    from hf_tuner.rl.rewards import SPLIT_FIELDS, check_reward_gate, load_reward_function
 
     # 1. config, prompts and the reward gate, before the policy loads
     cfg = _config(config)
@@ -85,7 +85,8 @@ def train(config=None) -> RunResult:
     train_prompts, held_prompts, gate_pairs = rl_prompts(
         data_sources(cfg, default="vader-sentiment"), run.vader_sources, run.eval_snippets, run.split_seed,
         run.prompt_words, run.eval_samples, run.train_prompts, render=chat_prompt_renderer(model_path))
-    reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs)
+    reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs,
+                                        split={k: getattr(run, k) for k in SPLIT_FIELDS})
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options, total_steps=args.max_steps)
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")

@@ -67,7 +67,7 @@ def _tiny_policy(tiny_llama):
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")), tokenizer
 
 
-def _tiny_trainer(tiny_llama, **ppo_kw):
+def _tiny_trainer(tiny_llama, batch_size=8, **ppo_kw):
     from transformers import TrainingArguments
 
     from hf_tuner.rl.ppo import PPOArguments, PPOTrainer
@@ -75,7 +75,7 @@ def _tiny_trainer(tiny_llama, **ppo_kw):
     torch.set_num_threads(2)
     policy, tokenizer = _tiny_policy(tiny_llama)
     args = TrainingArguments(output_dir="unused", learning_rate=1e-3, max_steps=2, use_cpu=True, bf16=False,
-                             report_to=[])
+                             report_to=[], per_device_train_batch_size=batch_size)
     ppo = PPOArguments(**{"response_length": 8, "temperature": 1.0, "ppo_epochs": 2, "num_mini_batches": 2, **ppo_kw})
     return PPOTrainer(policy, tokenizer, length_reward, args, ppo), policy
 
@@ -102,13 +102,127 @@ def test_an_update_moves_probability_toward_positive_advantages(tiny_llama):
     batch = trainer.rollout(PROMPTS * 2)
     trainer.update(batch)
     with torch.no_grad():
-        new, _, _ = forward_logprobs(policy, batch["queries"], batch["qmask"], batch["responses"], batch["rmask"], 1.0)
+        new, _, _ = forward_logprobs(policy, batch["queries"], batch["qmask"], batch["responses"], batch["rmask"], 1.0,
+                                     eos_ids=trainer.eos_ids)
     adv, mask = batch["advantages"], batch["rmask"]
     moved = (new - batch["logprobs"]) * mask
     assert (adv * moved).sum() > 0
     up = moved[(adv > 0.5) & mask.bool()].mean()
     down = moved[(adv < -0.5) & mask.bool()].mean()
     assert up > 0 > down, (up, down)
+
+
+def test_a_batch_that_does_not_split_into_equal_minibatches_is_refused(tiny_llama):
+    """10 prompts in 3 minibatches gave 4 optimizer steps an epoch, one on a single sample."""
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size=10 is not a multiple of num_mini_batches=3"):
+        _tiny_trainer(tiny_llama, num_mini_batches=3, batch_size=10)
+    trainer, _ = _tiny_trainer(tiny_llama, num_mini_batches=2, batch_size=4)
+    updates = []
+    trainer.optimizer.step = lambda *a, **k: updates.append(1)  # count the optimizer steps of one update
+    trainer.update(trainer.rollout(PROMPTS[:4]))
+    assert len(updates) == trainer.ppo.ppo_epochs * 2
+    with pytest.raises(ConfigError, match="num_mini_batches=2"):  # a rollout of another size is refused too
+        trainer.update(trainer.rollout(PROMPTS[:3]))
+
+
+def test_ppo_recipe_refuses_uneven_minibatches_before_loading(tmp_path, tiny_llama, monkeypatch):
+    from hf_tuner import models
+    from recipes.ppo_rlhf import train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the minibatch split was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size=10 is not a multiple of num_mini_batches=3"):
+        train(_rl_config(tmp_path, tiny_llama, per_device_train_batch_size=10, num_mini_batches=3))
+    assert not (tmp_path / "run").exists()
+
+
+def _greedy(policy, tokenizer, n=4, length=10, **kw):
+    from hf_tuner.policy_sampling import sample_responses
+
+    return sample_responses(policy, tokenizer, PROMPTS[:n], length, None, **kw)
+
+
+def test_rollouts_ignore_the_checkpoints_generation_config(tiny_llama):
+    """A checkpoint's generation_config.json (repetition_penalty, min_p, suppressed tokens ...) must not
+    change what the policy samples: the scored distribution is logits / temperature and nothing else."""
+    from hf_tuner.policy_sampling import sample_responses
+
+    policy, tokenizer = _tiny_policy(tiny_llama)
+    clean_greedy = _greedy(policy, tokenizer)[2]
+    clean_sampled = sample_responses(policy, tokenizer, PROMPTS, 10, 1.0, seed=3)[2]
+    config = policy.get_base_model().generation_config
+    config.repetition_penalty, config.min_p, config.no_repeat_ngram_size = 3.0, 0.5, 1
+    config.suppress_tokens = sorted(set(clean_greedy[:, 0].tolist()))  # the tokens greedy decoding starts with
+    assert torch.equal(_greedy(policy, tokenizer)[2], clean_greedy)
+    assert torch.equal(sample_responses(policy, tokenizer, PROMPTS, 10, 1.0, seed=3)[2], clean_sampled)
+    assert policy.get_base_model().generation_config.repetition_penalty == 3.0  # the model's own config is back
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_response(tiny_llama):
+    """Chat checkpoints list several EOS ids; a response ends at the first of any of them, not only at the
+    tokenizer's."""
+    from hf_tuner.policy_sampling import sample_responses
+
+    policy, tokenizer = _tiny_policy(tiny_llama)
+    clean = sample_responses(policy, tokenizer, PROMPTS, 10, 1.0, seed=0)[2]
+    # a token the first response samples at step k = 3 (and nowhere before), declared a second EOS id
+    k, other = 3, clean[0, 3].item()
+    assert other not in clean[0, :3].tolist() + [tokenizer.eos_token_id]
+    policy.get_base_model().generation_config.eos_token_id = [tokenizer.eos_token_id, other]
+    _, _, r, rmask, _, ended = sample_responses(policy, tokenizer, PROMPTS, 10, 1.0, seed=0)
+    assert r[0, :k + 1].tolist() == clean[0, :k + 1].tolist()  # the same samples up to the new EOS id
+    assert rmask[0].tolist() == [1] * (k + 1) + [0] * (10 - k - 1) and ended[0]
+    ends = {tokenizer.eos_token_id, other}
+    for row in range(len(r)):  # every response ends at its first EOS id, whichever it is
+        ids = r[row].tolist()
+        first = next((i for i, t in enumerate(ids) if t in ends), None)
+        assert ended[row].item() == (first is not None)
+        length = len(ids) if first is None else first + 1
+        assert rmask[row].tolist() == [1] * length + [0] * (len(ids) - length), (row, ids)
+
+
+def test_scored_logprobs_are_those_generation_sampled_from(tiny_llama):
+    """The rollout's log-probs equal the log-softmax of generation's own processed scores (temperature,
+    and EOS banned at the first step by min_new_tokens), token by token. EOS is made the likeliest first
+    token, so scoring without the ban would be far off."""
+    from hf_tuner.policy_sampling import (eos_token_ids, forward_logprobs, rollout_generation_config,
+                                          sample_responses, sole_generation_config)
+
+    policy, tokenizer = _tiny_policy(tiny_llama)
+    eos = tokenizer.eos_token_id
+    top = _greedy(policy, tokenizer, n=1, length=1)[2][0, 0].item()  # the likeliest first token
+    with torch.no_grad():  # EOS's output row: that token's, scaled up, so EOS dominates the first step
+        policy.get_base_model().lm_head.weight[eos] = 30 * policy.get_base_model().lm_head.weight[top]
+    ids = eos_token_ids(policy, tokenizer)
+    q, qm, r, rm, _, _ = sample_responses(policy, tokenizer, PROMPTS, 6, 0.8, seed=1)
+    torch.manual_seed(1)
+    config = rollout_generation_config(ids, tokenizer.pad_token_id, 6, 0.8)
+    with sole_generation_config(policy, config), torch.no_grad():
+        out = policy.generate(input_ids=q, attention_mask=qm, generation_config=config, output_scores=True,
+                              return_dict_in_generate=True)
+    steps, generated = len(out.scores), out.sequences[:, q.shape[1]:]
+    assert torch.equal(generated * rm[:, :steps], r[:, :steps] * rm[:, :steps])  # the same samples (same seed)
+    expected = torch.stack([torch.log_softmax(s.float(), -1).gather(1, r[:, t:t + 1]).squeeze(1)
+                            for t, s in enumerate(out.scores)], 1) * rm[:, :steps]
+    with torch.no_grad():
+        scored, _, _ = forward_logprobs(policy, q, qm, r, rm, 0.8, eos_ids=ids)
+        unbanned, _, _ = forward_logprobs(policy, q, qm, r, rm, 0.8)
+    torch.testing.assert_close(scored[:, :steps], expected, rtol=1e-4, atol=1e-4)
+    assert (unbanned[:, 0] - scored[:, 0]).abs().min() > 0.1  # the ban matters here
+
+
+def test_evaluation_samples_the_policy_through_the_shared_layer():
+    """evaluation/ does not import rl/ for sampling: both use hf_tuner.policy_sampling."""
+    import ast
+    from pathlib import Path
+
+    import hf_tuner.evaluation.preference as preference
+
+    tree = ast.parse(Path(preference.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "hf_tuner.rl.ppo" not in imported and "hf_tuner.policy_sampling" in imported
 
 
 def _rl_config(tmp_path, tiny_llama, **overrides):
@@ -140,6 +254,51 @@ def test_ppo_recipe_end_to_end(tmp_path, tiny_llama):
     from hf_tuner.labeling.items import read_run
 
     assert len(read_run(result.output_dir)) == result.metrics["train"]["eval_prompts"]  # ready for blind A/B
+    _assert_judged(result)
+
+
+def _assert_judged(result):
+    """The independent judge (VADER, not the reward the run optimised) in metrics, report and comparison."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from hf_tuner.evaluation.compare import compare_runs
+
+    vader = SentimentIntensityAnalyzer()
+    generations = [json.loads(line) for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    for side in ("base", "tuned"):
+        m = result.metrics[side]
+        expected = [vader.polarity_scores(g[side])["compound"] for g in generations]
+        assert [g[f"{side}_judge_vader"] for g in generations] == pytest.approx(expected)
+        assert m["judge_vader"] == pytest.approx(sum(expected) / len(expected))
+        assert m["judge_vader"] != pytest.approx(m["mean_reward"])  # a judge apart from the training reward
+    train = result.metrics["train"]
+    assert train["judge_vader_gain"] == pytest.approx(result.metrics["tuned"]["judge_vader"]
+                                                      - result.metrics["base"]["judge_vader"])
+    assert "Independent judge (VADER" in (result.output_dir / "report.md").read_text()
+    header = compare_runs([result.output_dir]).splitlines()[0]
+    assert "| mean_reward |" in header and "| judge_vader |" in header
+
+
+def test_the_judge_scores_the_response_alone_and_ignores_the_reward(tiny_llama):
+    from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.preference import judge_scores
+    from hf_tuner.evaluation.tasks import RewardTask
+    from hf_tuner.generation import DecodingSettings
+
+    assert judge_scores("vader", ["a wonderful, lovely film", "an awful, dreadful film"])[0] > 0.5
+    assert judge_scores("vader", ["an awful, dreadful film"])[0] < -0.5
+    policy, tokenizer = _tiny_policy(tiny_llama)
+    settings = DecodingSettings(max_new_tokens=6, batch_size=8, seed=0)
+    prompts = [{"prompt": "what a wonderful, lovely, brilliant"}] * 4 + [{"prompt": p} for p in PROMPTS[:4]]
+    by_length = evaluate_model(policy, tokenizer, RewardTask("t", prompts, length_reward, 1.0), settings)
+    by_constant = evaluate_model(policy, tokenizer, RewardTask("t", prompts, lambda p, r: [5.0] * len(r), 1.0),
+                                 settings)
+    assert by_length["predictions"] == by_constant["predictions"]  # same seed, same samples
+    assert by_length["metrics"]["judge_vader"] == by_constant["metrics"]["judge_vader"]
+    assert by_constant["metrics"]["mean_reward"] == 5.0 != by_constant["metrics"]["judge_vader"]
+    assert by_length["judge_scores"] == judge_scores("vader", by_length["predictions"])  # the prompt's words not
+    with pytest.raises(ValueError, match="judge 'gpt'"):
+        evaluate_model(policy, tokenizer, RewardTask("t", prompts, length_reward, 1.0, judge="gpt"), settings)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
@@ -150,6 +309,7 @@ def test_trl_algorithms_run_through_the_same_recipe(tmp_path, tiny_llama, algori
                               ppo_epochs=1))
     assert result.metrics["train"]["algorithm"] == algorithm
     assert {"mean_reward", "kl", "distinct_2"} <= set(result.metrics["tuned"])
+    _assert_judged(result)
     assert json.loads((result.output_dir / "rl_history.json").read_text())
 
 
@@ -160,9 +320,46 @@ def test_gate_refuses_a_bad_reward_model(tmp_path, tiny_llama):
     (rm / "model").mkdir(parents=True)
     (rm / "model" / "config.json").write_text("{}")
     (rm / "metrics.json").write_text(json.dumps({"tuned": {"pairwise_accuracy": 0.55}}))
+    (rm / "config.yaml").write_text("split_seed: 0\neval_snippets: 1000\nvader_sources: null\n")
     with pytest.raises(ConfigError, match=r"held-out pairwise accuracy 0.550 .* below min_reward_accuracy=0.7"):
         train(_rl_config(tmp_path, tiny_llama, reward_model=str(rm)))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _reward_run(tmp_path, config: str | None, accuracy=0.9):
+    rm = tmp_path / "rm_run"
+    (rm / "model").mkdir(parents=True)
+    (rm / "model" / "config.json").write_text("{}")
+    (rm / "metrics.json").write_text(json.dumps({"tuned": {"pairwise_accuracy": accuracy}}))
+    if config is not None:
+        (rm / "config.yaml").write_text(config)
+    return rm
+
+
+def test_gate_refuses_a_reward_model_run_split_differently(tmp_path, tiny_llama):
+    """Its metrics.json accuracy is trusted only when the reward model's run split the snippets as this run
+    does: otherwise this run's held-out prompts may open snippets the reward model trained on."""
+    from recipes.ppo_rlhf import train
+
+    rm = _reward_run(tmp_path, "split_seed: 1\neval_snippets: 500\nvader_sources: [movieReviewSnippets]\n")
+    with pytest.raises(ConfigError, match=r"split_seed: 0 here, 1 in the reward model's run; eval_snippets: 1000 "
+                                          r"here, 500 in the reward model's run\. .*Set split_seed, eval_snippets, "
+                                          r"vader_sources as in the reward model's run"):
+        train(_rl_config(tmp_path, tiny_llama, reward_model=str(rm)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_gate_checks_the_split_fields_one_by_one(tmp_path):
+    from hf_tuner.rl.rewards import check_reward_gate
+
+    split = {"split_seed": 0, "eval_snippets": 1000, "vader_sources": None}
+    rm = _reward_run(tmp_path, "split_seed: 0\neval_snippets: 1000\nvader_sources: [movieReviewSnippets]\n")
+    assert check_reward_gate(str(rm), 0.7, split=split) == 0.9  # None is the default source: the same split
+    with pytest.raises(ConfigError, match=r"vader_sources: \['tweets'\] here, \['movieReviewSnippets'\]"):
+        check_reward_gate(str(rm), 0.7, split={**split, "vader_sources": ["tweets"]})
+    (rm / "config.yaml").unlink()  # nothing to check the metrics against, and no pairs to measure on
+    with pytest.raises(ConfigError, match="cannot be checked against this run's split"):
+        check_reward_gate(str(rm), 0.7, split=split)
 
 
 def test_dpo_recipe_smoke_run(tmp_path, tiny_llama):
@@ -182,6 +379,7 @@ def test_dpo_recipe_smoke_run(tmp_path, tiny_llama):
     assert result.metrics["train"]["algorithm"] == "dpo"
     assert {"mean_reward", "kl"} <= set(result.metrics["tuned"]) and result.metrics["tuned"]["kl"] != 0.0
     assert (result.output_dir / "policy" / "adapter_config.json").exists()
+    _assert_judged(result)
 
 
 _TRAINING_CALLS = []

@@ -32,7 +32,7 @@ def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings) -> di
 def evaluate_policy(model, tokenizer, task: RewardTask, settings) -> dict:
     """Sample one response per prompt (seeded), score it, and estimate KL(policy || reference) on those
     samples: the sum over response tokens of log pi - log pi_ref, averaged over prompts."""
-    from hf_tuner.rl.ppo import forward_logprobs, reference_context, sample_responses
+    from hf_tuner.policy_sampling import eos_token_ids, forward_logprobs, reference_context, sample_responses
 
     if task.reward_fn is None:
         raise ValueError(f"task {task.name}: a RewardTask needs a reward_fn")
@@ -46,21 +46,49 @@ def evaluate_policy(model, tokenizer, task: RewardTask, settings) -> dict:
         was_training = model.training
         model.eval()
         temperature = task.temperature or 1.0
+        eos = eos_token_ids(model, tokenizer)
         try:
             for s in range(0, len(prompts), settings.batch_size):
                 part = [t[s:s + settings.batch_size] for t in (q, qm, r, rm)]
-                logprobs, _, _ = forward_logprobs(model, *part, temperature)
+                logprobs, _, _ = forward_logprobs(model, *part, temperature, eos_ids=eos)
                 ref, ctx = reference_context(model, task.reference_model)
                 with ctx:
-                    ref_logprobs, _, _ = forward_logprobs(ref, *part, temperature)
+                    ref_logprobs, _, _ = forward_logprobs(ref, *part, temperature, eos_ids=eos)
                 kls += (logprobs - ref_logprobs).sum(1).tolist()
         finally:
             model.train(was_training)
     n = len(rewards)
-    mean = sum(rewards) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(n - 1, 1))
-    metrics = {"mean_reward": mean, "reward_se": sd / math.sqrt(n), "kl": sum(kls) / n if kls else 0.0,
+    mean, se = mean_and_se(rewards)
+    metrics = {"mean_reward": mean, "reward_se": se, "kl": sum(kls) / n if kls else 0.0,
                "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
                "mean_length": sum(len(t.split()) for t in texts) / n}
+    judged = judge_scores(task.judge, texts)
+    if judged is not None:
+        metrics[f"judge_{task.judge}"], metrics[f"judge_{task.judge}_se"] = mean_and_se(judged)
     return {"metrics": {k: v for k, v in metrics.items() if k in task.metrics}, "predictions": texts,
-            "references": prompts, "rewards": rewards}
+            "references": prompts, "rewards": rewards, "judge": task.judge, "judge_scores": judged}
+
+
+JUDGES = ("vader",)
+
+
+def judge_scores(judge: str | None, responses: list[str]) -> list[float] | None:
+    """An independent judge's score of each response (the policy's own words, not the prompt), or None.
+
+    vader: VADER's compound sentiment, -1..1, a lexicon-and-rules scorer that shares nothing with a
+    trained reward model, so a gain under the reward model that VADER does not see is a warning sign."""
+    if judge is None:
+        return None
+    if judge not in JUDGES:
+        raise ValueError(f"judge {judge!r}: one of {', '.join(JUDGES)}, or None")
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in responses]
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in values) / max(n - 1, 1))
+    return mean, sd / math.sqrt(n)

@@ -11,7 +11,7 @@ TABLE_METRICS = {"accuracy": "higher", "precision": "higher", "recall": "higher"
                  "exact_match": "higher", "perplexity": "lower", "masked_accuracy": "higher",
                  "mse": "lower", "mae": "lower", "pearson": "higher",
                  "pairwise_accuracy": "higher", "mean_margin": "higher", "mean_reward": "higher", "reward_se": None,
-                 "kl": None,
+                 "judge_vader": "higher", "judge_vader_se": None, "kl": None,
                  "distinct_2": "higher", "mean_length": None, "seconds_per_example": "lower",
                  "recall@1": "higher", "recall@10": "higher", "mrr": "higher", "mean_rank": "lower",
                  "groundedness": "higher"}

@@ -133,11 +133,17 @@ class RewardTask:
     to the reference policy on the policy's own samples, distinct-n and length.
 
     reward_fn(prompts, responses) -> list[float]. reference_model: a frozen model, or None to use the
-    evaluated PEFT model with its adapter disabled (KL 0 for a model without one)."""
+    evaluated PEFT model with its adapter disabled (KL 0 for a model without one).
+
+    judge: a second scorer the policy was not trained against, reported beside the reward (a policy can
+    raise its training reward model's score without getting more positive). "vader": VADER's compound
+    sentiment (-1..1) of the response alone; None: no judge."""
 
     name: str
     rows: list[dict]  # {"prompt": text, ...}
     reward_fn: object = None
     temperature: float | None = 0.7  # None: greedy
     reference_model: object = None
-    metrics: tuple[str, ...] = ("mean_reward", "reward_se", "kl", "distinct_1", "distinct_2", "mean_length")
+    judge: str | None = "vader"
+    metrics: tuple[str, ...] = ("mean_reward", "reward_se", "judge_vader", "judge_vader_se", "kl", "distinct_1",
+                                "distinct_2", "mean_length")

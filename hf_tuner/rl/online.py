@@ -154,6 +154,11 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     tuned = evaluate_model(model, tokenizer, task, settings)
     b, t = base["metrics"], tuned["metrics"]
     gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
+    judge = f"judge_{task.judge}" if task.judge and f"judge_{task.judge}" in t else None
+    judged = {}
+    if judge:  # the same prompts and samples, scored by a judge the policy was not trained against
+        j_gain, j_se = t[judge] - b[judge], math.sqrt(b[f"{judge}_se"] ** 2 + t[f"{judge}_se"] ** 2)
+        judged = {f"{judge}_gain": j_gain, f"{judge}_gain_se": j_se, f"{judge}_gain_over_2se": j_gain > 2 * j_se}
     from hf_tuner.distributed import is_main_process
 
     has_curves = False
@@ -163,22 +168,38 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
         save_history(out, history)
         has_curves = plot_curves(history, out / "rl_curves.png", f"{title}: per-step statistics")
     metrics = {"base_label": "base (starting policy)", "base": b, "baselines": {}, "tuned": t,
-               "train": {**train_info, "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se,
+               "train": {**train_info, "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se, **judged,
                          "peak_rss_mb": peak_rss_mb(), "eval_prompts": len(task.rows)},
                "eval_seconds": {"base": base["seconds"], "tuned": tuned["seconds"]}}
     lines = [*(notes or []), *(["## RL curves", "", "![rl curves](rl_curves.png)", ""] if has_curves else []),
              f"Reward gain {gain:+.3f}, standard error of the difference {se:.3f}: "
              f"{'more' if gain > 2 * se else 'not more'} than twice it. KL is to the reference policy in nats per "
              "response, estimated on the policy's own samples.", ""]
-    examples = [{"prompt": row["prompt"], "base": base["predictions"][i], "base reward": f"{base['rewards'][i]:.2f}",
-                 "tuned": tuned["predictions"][i], "tuned reward": f"{tuned['rewards'][i]:.2f}"}
-                for i, row in enumerate(task.rows[:report_examples])]
-    generations = [{"prompt": row["prompt"], "base": base["predictions"][i], "tuned": tuned["predictions"][i],
-                    "base_reward": base["rewards"][i], "tuned_reward": tuned["rewards"][i]}
-                   for i, row in enumerate(task.rows)]
+    if judge:
+        lines += [f"Independent judge ({JUDGE_NAMES.get(task.judge, task.judge)}, which the policy was not trained "
+                  f"against): {b[judge]:.3f} -> {t[judge]:.3f}, gain {judged[f'{judge}_gain']:+.3f}, standard error "
+                  f"{judged[f'{judge}_gain_se']:.3f}: {'more' if judged[f'{judge}_gain_over_2se'] else 'not more'} "
+                  "than twice it. A reward gain the judge does not share may be over-optimisation of the reward "
+                  "model.", ""]
+    examples, generations = [], []
+    for i, row in enumerate(task.rows):
+        g = {"prompt": row["prompt"], "base": base["predictions"][i], "tuned": tuned["predictions"][i],
+             "base_reward": base["rewards"][i], "tuned_reward": tuned["rewards"][i]}
+        e = {"prompt": row["prompt"], "base": base["predictions"][i], "base reward": f"{base['rewards'][i]:.2f}",
+             "tuned": tuned["predictions"][i], "tuned reward": f"{tuned['rewards'][i]:.2f}"}
+        if judge:
+            g.update({f"base_{judge}": base["judge_scores"][i], f"tuned_{judge}": tuned["judge_scores"][i]})
+            e.update({f"base {task.judge}": f"{base['judge_scores'][i]:.2f}",
+                      f"tuned {task.judge}": f"{tuned['judge_scores'][i]:.2f}"})
+        generations.append(g)
+        if i < report_examples:
+            examples.append(e)
     table = write_run_record(out, title, metrics, examples, log_history or [], lines, generations)
     print(f"\nHeld-out prompts ({len(task.rows)}), run folder {out}:\n{table}\n")
     return metrics, table
+
+
+JUDGE_NAMES = {"vader": "VADER compound sentiment of the response, -1..1"}
 
 
 def reward_model_note(reward_model: str) -> list[str]:

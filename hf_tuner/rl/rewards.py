@@ -75,15 +75,50 @@ def pairwise_scores(reward: RewardModel, pairs: list[dict]) -> tuple[list[float]
     return chosen, rejected
 
 
-def check_reward_gate(reward_spec: str, min_accuracy: float, pairs: list[dict] | None = None) -> float | None:
+SPLIT_FIELDS = ("split_seed", "eval_snippets", "vader_sources")  # what decides which snippets the reward model saw
+
+
+def check_same_split(reward_spec: str, split: dict) -> bool:
+    """The reward-model run's config.yaml against the RL run's split fields: the RL run's held-out prompts open
+    snippets the reward model never saw, and its metrics.json accuracy was measured on the same held-out side,
+    only when both runs split the snippets alike. A mismatch is refused; False when there is no config.yaml."""
+    import yaml
+
+    config_file = Path(reward_spec).expanduser() / "config.yaml"
+    if not config_file.is_file():
+        return False
+    theirs = yaml.safe_load(config_file.read_text()) or {}
+    from hf_tuner.data.preferences import DEFAULT_SOURCE
+
+    def norm(key, value):
+        return (value or [DEFAULT_SOURCE]) if key == "vader_sources" else value
+
+    wrong = [f"{k}: {norm(k, split[k])!r} here, {norm(k, theirs.get(k))!r} in the reward model's run"
+             for k in SPLIT_FIELDS if k in split and norm(k, split[k]) != norm(k, theirs.get(k))]
+    if wrong:
+        raise ConfigError(f"reward_model {reward_spec}: this run splits the snippets differently from the reward "
+                          f"model's run ({config_file}): {'; '.join(wrong)}. Its held-out prompts could open snippets "
+                          "the reward model trained on, and the reward model's held-out accuracy would not be "
+                          f"measured on this run's held-out side. Set {', '.join(k for k in SPLIT_FIELDS if k in split)} "
+                          "as in the reward model's run.")
+    return True
+
+
+def check_reward_gate(reward_spec: str, min_accuracy: float, pairs: list[dict] | None = None,
+                      split: dict | None = None) -> float | None:
     """Refuse RL on a reward model that does not rank held-out pairs well enough.
 
-    The accuracy comes from the reward-model run's metrics.json, or is measured on `pairs`.
-    A Python reward function passes (None is returned: nothing to check)."""
+    The accuracy comes from the reward-model run's metrics.json when its config.yaml shows the same split as
+    `split` (the RL run's split_seed, eval_snippets, vader_sources; a different one is refused), or is measured
+    on `pairs`. A Python reward function passes (None is returned: nothing to check)."""
     if ":" in reward_spec and not Path(reward_spec).exists():
         return None
     metrics_file = Path(reward_spec).expanduser() / "metrics.json"
-    if metrics_file.is_file():
+    trusted = metrics_file.is_file() and (split is None or check_same_split(reward_spec, split))
+    if metrics_file.is_file() and not trusted and not pairs:
+        raise ConfigError(f"reward_model {reward_spec}: its metrics.json cannot be checked against this run's split "
+                          "(no config.yaml beside it) and there are no held-out pairs to measure it on")
+    if trusted:
         accuracy = json.loads(metrics_file.read_text())["tuned"]["pairwise_accuracy"]
         where = str(metrics_file)
     elif pairs:
