@@ -20,7 +20,13 @@ from hf_tuner.config import ConfigError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
-            "pytorch_model.bin", "adapter_model.bin")
+            "pytorch_model.bin", "adapter_model.bin",
+            "pytorch_model_fsdp.bin")  # FSDP with FULL_STATE_DICT (accelerate's save_fsdp_model)
+# FSDP with SHARDED_STATE_DICT saves the model through torch.distributed.checkpoint into `pytorch_model_fsdp_N/`
+# (accelerate's FSDP_MODEL_NAME), whose `.metadata` is written once every rank's shards are; Trainer.save_model
+# writes no weights file beside it. DeepSpeed writes its engine state into `global_stepN/` (and a `latest` file).
+_FSDP_SHARDED = re.compile(r"^pytorch_model_fsdp_\d+$")
+_DEEPSPEED = re.compile(r"^global_step\d+$")
 RESUME_LATEST = ("latest", "true", "last")
 
 
@@ -47,7 +53,20 @@ def is_complete(folder: Path) -> bool:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return state.get("global_step") == int(m.group(1)) and any((folder / w).is_file() for w in _WEIGHTS)
+    return state.get("global_step") == int(m.group(1)) and has_weights(folder)
+
+
+def has_weights(folder: Path) -> bool:
+    """Model weights in any form a Trainer checkpoint holds them: safetensors/bin files (DDP, one process, FSDP
+    FULL_STATE_DICT), an FSDP SHARDED_STATE_DICT folder whose save finished, or a DeepSpeed engine folder."""
+    if any((folder / w).is_file() for w in _WEIGHTS):
+        return True
+    for sub in folder.iterdir():
+        if sub.is_dir() and _FSDP_SHARDED.match(sub.name) and (sub / ".metadata").is_file():
+            return True
+        if sub.is_dir() and _DEEPSPEED.match(sub.name) and any(sub.glob("*model_states.pt")):
+            return True
+    return False
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -101,7 +120,8 @@ def resolve_resume(training, run, output_dir: Path) -> str | None:
         path = Path(asked)
         if not is_complete(path):
             raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint folder "
-                              "(checkpoint-N with trainer_state.json and weights)")
+                              "(checkpoint-N with trainer_state.json and weights: a weights file, an FSDP "
+                              "pytorch_model_fsdp_N/ folder or a DeepSpeed global_stepN/ folder)")
         return str(path)
     if run.resume == "auto":
         found = last_complete_checkpoint(output_dir)
@@ -182,6 +202,24 @@ def train_resumable(trainer, run, output_dir: Path):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.remove_callback(stop)
+        full_state_dict_for_final_save(trainer)
     if stop.signum:
         raise RunInterrupted(stop.signum, trainer.state.global_step, last_complete_checkpoint(output_dir))
     return result
+
+
+def full_state_dict_for_final_save(trainer) -> bool:
+    """Under FSDP with SHARDED_STATE_DICT (recipes/accelerate/fsdp.yaml: cheap, resumable checkpoints),
+    `Trainer.save_model` writes no weights at all: transformers 5.24 saves only when the plugin says
+    FULL_STATE_DICT. Once training is over, switch to FULL_STATE_DICT, as accelerate's
+    `set_state_dict_type` documents ("user trains with sharded, but final save is with full"), so the
+    recipes' final `save_model` gathers the weights (on every rank; rank 0 writes) into files that plain
+    transformers/PEFT reload. True when it switched."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        return False
+    plugin.state_dict_config = plugin.optim_state_dict_config = None  # the sharded ones would stay otherwise
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    return True
