@@ -101,6 +101,12 @@ def train(config=None) -> RunResult:
         check_lengths([(r.get("where", cfg.script.dataset_name), len(tokenizer(tokenizer.apply_chat_template(
             system + r["prompt"] + r["completion"], tokenize=False), add_special_tokens=False).input_ids))
             for r in train_rows], args.max_length)
+    multi_turn = next((r for r in train_rows if r["turns"] > 1), None) if not data.streaming else None
+    if multi_turn is not None:  # the chat template must render turn by turn to find every answer (tokenizer only)
+        from hf_tuner.data.chat_masks import assistant_spans
+
+        assistant_spans(load_tokenizer(model_path, revision=mcfg.model_revision),
+                        multi_turn["prompt"] + multi_turn["completion"], multi_turn["where"])
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, None if data.streaming else len(train_rows)))
     if peft.prompt_learning and args.packing:
@@ -181,8 +187,17 @@ def train(config=None) -> RunResult:
                     "reference": task.reference(r),
                     **{k: v["predictions"][i] for k, v in results.items()}}
                    for i, r in enumerate(held_rows)]
+    notes = []
+    if len(data.counts) > 1:  # a mixture: rows per source, as loaded and as trained (after train_samples)
+        from collections import Counter
+
+        trained = Counter(r.get("source") for r in train_rows)
+        for k, v in data.counts.items():
+            v["trained"] = trained.get(k, 0)
+        notes = ["## Data", "", "| source | train rows | trained | test rows |", "|---|---:|---:|---:|",
+                 *[f"| {k} | {v['train']} | {v['trained']} | {v['test']} |" for k, v in data.counts.items()], ""]
     table = write_run_record(out, "sft_instruction", metrics, generations[:run.report_examples],
-                             trainer.state.log_history, generations=generations)
+                             trainer.state.log_history, notes, generations=generations)
     save_log_history(out, trainer.state.log_history)
     print(f"\nHeld-out comparison ({len(held_rows)} examples), run folder {out}:\n{table}\n")
     return RunResult(out, metrics, table, trainer.model, tokenizer)

@@ -154,3 +154,18 @@ def test_bad_rows_are_refused_before_any_weights_load(tmp_path, repo, monkeypatc
     with pytest.raises(DataError, match=r"bad\.parquet split train row 8: `messages` needs at least one message"):
         train(_sft(tmp_path, dataset_name=str(tmp_path / "bad.parquet")))
     assert not (tmp_path / "run").exists()
+
+
+def test_sft_instruction_on_a_mixture_reports_rows_per_source(tmp_path, repo, tiny_llama):
+    from recipes.sft_instruction import train
+
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"question": f"What is a {w}?", "answer": f"a {w}"} for w in WORDS])
+    mixture = {"datasets": [{"id": str(repo), "config": "pc", "test_split": "test"},
+                            {"id": str(extra), "weight": 0.5, "columns": {"prompt": "question", "completion": "answer"}}]}
+    result = train(_sft(tmp_path, dataset_mixture=mixture, max_steps=4))
+    data = result.metrics["train"]["data"]
+    assert data[str(extra)] == {"train": 10, "test": 0, "trained": 10}
+    assert data[f"{repo} (pc)"] == {"train": 16, "test": 4, "trained": 16}
+    assert f"| {extra} | 10 | 10 | 0 |" in (result.output_dir / "report.md").read_text()
+    saved = (result.output_dir / "config.yaml").read_text()
+    assert "dataset_mixture:" in saved and "weight: 0.5" in saved  # the mixture is part of the run's record
