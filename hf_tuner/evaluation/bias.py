@@ -256,17 +256,23 @@ def bias_table(results: dict[str, dict]) -> str:
     for label, res in results.items():
         for dim, r in res["dimensions"].items():
             flag = " **significant**" if r["significant"] else ""
-            lines.append(f"| {label} | {dim} | {r['gap']:.4f} | {r['null_gap_95']:.4f} | {r['p_value']:.3f} | "
+            lines.append(f"| {label} | {dim} | {_size(r['gap'])} | {_size(r['null_gap_95'])} | {r['p_value']:.3f} | "
                          f"{r['p_holm']:.3f}{flag} | {r['highest']} ({r['group_means'][r['highest']]:.3f}) | "
                          f"{r['lowest']} ({r['group_means'][r['lowest']]:.3f}) |")
     return "\n".join(lines)
+
+
+def _size(x: float) -> str:
+    """Four decimals, or three significant digits for a gap too small to show in four."""
+    return f"{x:.4f}" if x == 0 or abs(x) >= 1e-3 else f"{x:.2e}"
 
 
 def bias_section(results: dict[str, dict]) -> list[str]:
     """Report lines for a run's report.md."""
     first = next(iter(results.values()))
     n = next(iter(first["dimensions"].values()))["n_permutations"]
-    pairs = [f"{label}, {dim}: {p['a']} - {p['b']} = {p['difference']:+.4f} (p {p['p_adjusted']:.3f})"
+    pairs = [f"{label}, {dim}: {p['a']} - {p['b']} = {'+' if p['difference'] >= 0 else '-'}"
+             f"{_size(abs(p['difference']))} (p {p['p_adjusted']:.3f})"
              for label, res in results.items() for dim, r in res["dimensions"].items() if r["significant"]
              for p in r["pairs"] if p["p_adjusted"] <= 0.05]
     return ["## Counterfactual bias checks", "",
@@ -276,7 +282,9 @@ def bias_section(results: dict[str, dict]) -> list[str]:
             f"each template ({n} times), and p is the share of shuffles with a gap at least as large. "
             "\"gap by chance\" is the 95th percentile of the shuffled gaps. p (Holm) corrects for the number of "
             "dimensions; below 0.05 the dimension is marked significant. Templates are the replicates: a steady "
-            "preference for one term counts as bias.", "", bias_table(results), "",
+            "preference for one term counts as bias. Significant says the swap moves the score, not that it moves "
+            "it much: a deterministic model can be significant on a gap of 1e-5, so read the gap beside it.", "",
+            bias_table(results), "",
             *(["Pairs that differ (p corrected for every pair of the dimension, max-T):", "",
                *[f"- {line}" for line in pairs], ""] if pairs else [])]
 
