@@ -159,3 +159,51 @@ def _torch_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ---- saving a model that an engine shards: gather on every rank, rank 0 writes ----
+
+def gathered_state_dict(model) -> dict | None:
+    """The full state dict of a model whose parameters an engine shards, gathered from every rank; None when
+    nothing is sharded (save_pretrained reads the parameters itself). Call it on every rank: it is collective.
+
+    - FSDP2 (`fully_shard`): the parameters are DTensor shards; torch's get_model_state_dict gathers them
+      (full_state_dict, offloaded to the CPU; rank 0 gets the tensors, the others an empty dict).
+    - DeepSpeed ZeRO-3: each parameter is an empty partition (`ds_id`); each one is gathered in turn, so at most
+      one full parameter is on the GPU at a time. Under PEFT only the trainable ones (what the adapter file
+      holds), not the frozen base.
+    A rank-0-only `save_pretrained` would write DTensor shards (FSDP2) or empty tensors (ZeRO-3)."""
+    params = list(model.named_parameters())
+    if any(hasattr(p, "ds_id") for _, p in params):
+        import deepspeed
+
+        adapter = hasattr(model, "peft_config")
+        state = {}
+        for name, p in params:
+            if adapter and not p.requires_grad:
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if is_main_process():
+                    state[name] = p.detach().cpu().clone()
+        if not adapter and is_main_process():  # buffers are not partitioned
+            state.update({k: v.detach().cpu().clone() for k, v in model.named_buffers()})
+        return state
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for _, p in params):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None
+
+
+def save_pretrained_gathered(model, path, tokenizer=None) -> None:
+    """`model.save_pretrained(path)` (and the tokenizer's) under any launcher: the weights gathered on every
+    rank first (gathered_state_dict), rank 0 writing. Call it on every rank. The files reload with plain
+    transformers / PEFT."""
+    state = gathered_state_dict(model)
+    if is_main_process():
+        model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    wait_for_everyone()

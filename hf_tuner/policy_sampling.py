@@ -74,7 +74,8 @@ def sample_responses(model, tokenizer, prompts: list[str], response_length: int,
     """Sample (or, with temperature None, greedily decode) one response per prompt.
 
     Returns (query ids left-padded (N, Q), query mask, response ids (N, R) padded after the first EOS,
-    response mask, response texts, ended (N,) bool: an EOS was produced)."""
+    response mask, response texts, ended (N,) bool: an EOS was produced), the tensors on the model's device
+    (where forward_logprobs and a CUDA policy take them)."""
     pad = pad_token_id(tokenizer)
     eos = eos_token_ids(model, tokenizer)
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -86,7 +87,7 @@ def sample_responses(model, tokenizer, prompts: list[str], response_length: int,
         qmask[i, width - len(ids):] = 1
     if seed is not None:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     config = rollout_generation_config(eos, pad, response_length, temperature)
@@ -96,20 +97,25 @@ def sample_responses(model, tokenizer, prompts: list[str], response_length: int,
             for s in range(0, len(prompts), batch_size):
                 out = model.generate(input_ids=queries[s:s + batch_size].to(device),
                                      attention_mask=qmask[s:s + batch_size].to(device), generation_config=config)
-                resp = out[:, width:].cpu()
+                resp = out[:, width:]
                 chunks.append(torch.nn.functional.pad(resp, (0, response_length - resp.shape[1]), value=pad))
     finally:
         model.train(was_training)
     responses = torch.cat(chunks)
-    is_eos = torch.isin(responses, torch.tensor(eos, dtype=responses.dtype)) if eos else \
+    is_eos = torch.isin(responses, torch.tensor(eos, dtype=responses.dtype, device=device)) if eos else \
         torch.zeros_like(responses, dtype=torch.bool)
     ended = is_eos.any(1)
     first_eos = torch.where(ended, is_eos.int().argmax(1),
                             torch.full_like(ended, response_length - 1, dtype=torch.long))
-    rmask = (torch.arange(response_length)[None, :] <= first_eos[:, None]).long()
+    rmask = (torch.arange(response_length, device=device)[None, :] <= first_eos[:, None]).long()
     responses = torch.where(rmask.bool(), responses, torch.full_like(responses, pad))
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return queries, qmask, responses, rmask, texts, ended
+    return queries.to(device), qmask.to(device), responses, rmask, texts, ended
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: its first parameter's device (a PEFT, DDP or FSDP2 wrapper's too)."""
+    return next(model.parameters()).device
 
 
 def forward_logprobs(model, queries, qmask, responses, rmask, temperature: float, value_head=None,
@@ -118,7 +124,10 @@ def forward_logprobs(model, queries, qmask, responses, rmask, temperature: float
 
     `eos_ids`: the ids sample_responses ended responses with (eos_token_ids); they are banned for the first
     MIN_NEW_TOKENS positions, as they were when sampling, so the scored policy is the sampled one.
-    Position ids follow the attention mask, as in generation with left padding."""
+    Position ids follow the attention mask, as in generation with left padding. The inputs move to the
+    model's device (a reference model may sit elsewhere than the policy); the results are on it."""
+    device = model_device(model)
+    queries, qmask, responses, rmask = (t.to(device) for t in (queries, qmask, responses, rmask))
     input_ids = torch.cat([queries, responses], 1)
     attention = torch.cat([qmask, rmask], 1)
     position_ids = (attention.cumsum(1) - 1).clamp(min=0)

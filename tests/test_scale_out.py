@@ -122,3 +122,138 @@ def test_train_resumable_switches_before_the_recipes_save(tmp_path, monkeypatch)
     run = type("Run", (), {"resume": "never"})
     assert train_resumable(FakeTrainer(), run, tmp_path) == "done"
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+# ---- devices: library code puts tensors on the model's device (a CUDA policy fed CPU tensors crashes) ----
+
+@pytest.fixture
+def tiny_policy(tiny_llama):
+    from hf_tuner.models import load_model
+
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def test_sampled_tensors_are_on_the_model_device(tiny_policy):
+    from hf_tuner.policy_sampling import model_device, sample_responses
+
+    model, tokenizer = tiny_policy
+    q, qm, r, rm, texts, ended = sample_responses(model, tokenizer, ["a b", "c d e"], 4, 0.7, seed=0)
+    assert {t.device for t in (q, qm, r, rm, ended)} == {model_device(model)}
+
+
+class _LMElsewhere(torch.nn.Module):
+    """A causal LM stand-in whose weights live on `device` (meta stands in for CUDA here): like a real model
+    there, it refuses inputs from another device; it returns logits of the right shape on its device."""
+
+    def __init__(self, device, vocab: int, hidden: int = 8):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden, device=device)
+        self.head = torch.nn.Linear(hidden, vocab, device=device)
+
+    def forward(self, input_ids, attention_mask, position_ids, output_hidden_states=False, use_cache=False):
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t.device != self.head.weight.device:
+                raise RuntimeError(f"{name} on {t.device}, the model on {self.head.weight.device}")
+        h = self.embed(input_ids)
+        return type("Out", (), {"logits": self.head(h), "hidden_states": (h,)})
+
+
+def test_forward_logprobs_moves_inputs_to_the_model_device(tiny_policy):
+    """The policy (or the reference) on another device than the sampled tensors (the tuned evaluation of
+    ppo/grpo/rloo/dpo on a GPU): without the move, the forward fails on mixed devices."""
+    from hf_tuner.policy_sampling import forward_logprobs, sample_responses
+
+    model, tokenizer = tiny_policy
+    q, qm, r, rm, _, _ = sample_responses(model, tokenizer, ["a b", "c d e"], 4, 0.7, seed=0)
+    elsewhere = _LMElsewhere("meta", model.config.vocab_size)
+    value_head = torch.nn.Linear(8, 1, device="meta")
+    logprobs, values, entropy = forward_logprobs(elsewhere, q, qm, r, rm, 0.7, value_head, with_entropy=True,
+                                                 eos_ids=[tokenizer.eos_token_id])
+    assert {t.device.type for t in (logprobs, values, entropy)} == {"meta"} and logprobs.shape == r.shape
+
+
+def test_ppo_full_fine_tuning_reference_moves_to_the_accelerator_device(tiny_policy, monkeypatch):
+    """PPOTrainer puts a frozen full-fine-tuning reference on the accelerator's device, as prepare() puts the
+    policy (on a GPU: cuda; the accelerator's device is faked as meta to see the move on a CPU)."""
+    import copy
+
+    from accelerate import Accelerator
+    from transformers import TrainingArguments
+
+    from hf_tuner.rl.ppo import PPOArguments, PPOTrainer
+
+    model, tokenizer = tiny_policy
+    ref = copy.deepcopy(model)
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to=[], max_steps=1,
+                             per_device_train_batch_size=2)
+    acc = Accelerator(cpu=True)
+    monkeypatch.setattr(type(acc), "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(acc, "prepare", lambda *objs: objs)  # the policy's own placement is prepare's business
+    PPOTrainer(model, tokenizer, lambda p, r: [0.0] * len(p), args, PPOArguments(num_mini_batches=1),
+               ref_model=ref, accelerator=acc)
+    assert next(ref.parameters()).device.type == "meta"
+
+
+# ---- saving under FSDP2: torch's fully_shard runs on CPU over gloo, so the sharding here is real ----
+
+def _torchrun(*args, timeout=240):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in subprocess_env(OMP_NUM_THREADS="1").items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp2_sharded_model_saves_gathered_weights_that_reload(tmp_path, tiny_llama, kind):
+    """Two ranks, parameters really sharded (DTensor): the saved files hold the full trained weights, and plain
+    transformers / PEFT reload them. A rank-0-only save_pretrained would write shards or fail."""
+    worker = Path(__file__).parent / "workers" / "fsdp2_save.py"
+    proc = _torchrun(worker, tiny_llama, tmp_path, kind)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    from transformers import AutoModelForCausalLM
+
+    if kind == "lora":
+        from peft import PeftModel
+
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path)
+        assert any("lora_B" in n and e.abs().sum() > 0 for n, e in expected.items()), "the step trained nothing"
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    params = dict(reloaded.named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(params[name], value), name
+
+
+def test_finish_rl_run_saves_the_policy_before_evaluating_it(tmp_path, tiny_policy):
+    """A crash in the tuned evaluation (a device mismatch on a GPU, a reward model that fails) must not lose
+    the trained policy: it is on disk before the evaluation starts, and it reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_tuner.evaluation.tasks import RewardTask
+    from hf_tuner.generation import DecodingSettings
+    from hf_tuner.rl.online import finish_rl_run
+
+    model, tokenizer = tiny_policy
+
+    def broken_reward(prompts, responses):
+        raise RuntimeError("the reward model crashed")
+
+    task = RewardTask("held-out prompts", [{"prompt": "a b"}], broken_reward, 0.7)
+    with pytest.raises(RuntimeError, match="reward model crashed"):
+        finish_rl_run(tmp_path, "t", model, tokenizer, task, DecodingSettings(max_new_tokens=2), {}, {}, [])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)

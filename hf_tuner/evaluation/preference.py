@@ -54,7 +54,7 @@ def evaluate_policy(model, tokenizer, task: RewardTask, settings) -> dict:
                 ref, ctx = reference_context(model, task.reference_model)
                 with ctx:
                     ref_logprobs, _, _ = forward_logprobs(ref, *part, temperature, eos_ids=eos)
-                kls += (logprobs - ref_logprobs).sum(1).tolist()
+                kls += (logprobs - ref_logprobs.to(logprobs.device)).sum(1).tolist()  # a reference elsewhere
         finally:
             model.train(was_training)
     n = len(rewards)

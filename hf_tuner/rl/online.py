@@ -143,14 +143,18 @@ def save_history(out: Path, history: list[dict]) -> None:
 def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base: dict, train_info: dict,
                   history: list[dict], log_history: list[dict] | None = None, report_examples: int = 5,
                   notes: list[str] | None = None):
-    """Evaluate the tuned policy on the base's prompts (same seed and sampling), save it, and write
-    metrics.json and report.md. The gain is judged against the standard error of the difference."""
+    """Save the tuned policy (first, so that a failure in the evaluation never loses it; gathered on every rank
+    under FSDP2 / ZeRO-3, rank 0 writing), evaluate it on the base's prompts (same seed and sampling), and
+    write metrics.json and report.md. The gain is judged against the standard error of the difference.
+    Call it on every rank."""
     import math
 
     from hf_tuner.devices import peak_rss_mb
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.distributed import is_main_process, save_pretrained_gathered
     from hf_tuner.evaluation.report import write_run_record
 
+    save_pretrained_gathered(model, out / "policy", tokenizer)
     tuned = evaluate_model(model, tokenizer, task, settings)
     b, t = base["metrics"], tuned["metrics"]
     gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
@@ -159,12 +163,8 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     if judge:  # the same prompts and samples, scored by a judge the policy was not trained against
         j_gain, j_se = t[judge] - b[judge], math.sqrt(b[f"{judge}_se"] ** 2 + t[f"{judge}_se"] ** 2)
         judged = {f"{judge}_gain": j_gain, f"{judge}_gain_se": j_se, f"{judge}_gain_over_2se": j_gain > 2 * j_se}
-    from hf_tuner.distributed import is_main_process
-
     has_curves = False
     if is_main_process():
-        model.save_pretrained(out / "policy")
-        tokenizer.save_pretrained(out / "policy")
         save_history(out, history)
         has_curves = plot_curves(history, out / "rl_curves.png", f"{title}: per-step statistics")
     metrics = {"base_label": "base (starting policy)", "base": b, "baselines": {}, "tuned": t,

@@ -165,8 +165,8 @@ class PPOTrainer:
         self.accelerator = accelerator or Accelerator(cpu=bool(args.use_cpu),
                                                       mixed_precision="bf16" if args.bf16 else "no")
         disable_dropout(policy)
-        if ref_model is not None:
-            disable_dropout(ref_model.eval().requires_grad_(False))
+        if ref_model is not None:  # full fine-tuning: the frozen copy scores on the policy's device
+            disable_dropout(ref_model.eval().requires_grad_(False).to(self.accelerator.device))
         hidden = policy.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
