@@ -6,6 +6,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# The user's asset cache (real checkpoints, `make assets`), kept for the tests marked slow.
+os.environ.setdefault("HF_TUNER_USER_CACHE", os.environ.get("HF_TUNER_CACHE", os.path.expanduser("~/.cache/hf-tuner")))
 os.environ.setdefault("HF_TUNER_TEST_CACHE", tempfile.mkdtemp(prefix="hf-tuner-test-cache-"))
 os.environ["HF_TUNER_CACHE"] = os.environ["HF_TUNER_TEST_CACHE"]
 
