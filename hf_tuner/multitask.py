@@ -107,14 +107,27 @@ class MultiTaskModel(nn.Module):
         return logits[:, 0].tolist()
 
     def save_pretrained(self, path: str | Path) -> None:
+        """Call on every rank: under FSDP2 / ZeRO-3 the weights are gathered first (rank 0 writes)."""
         from safetensors.torch import save_file
 
+        from hf_tuner.distributed import gathered_state_dict, is_main_process, wait_for_everyone
+
+        full = gathered_state_dict(self)
+        if not is_main_process():
+            wait_for_everyone()
+            return
+        if full is None:
+            encoder, heads = None, self.heads.state_dict()
+        else:
+            encoder = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+            heads = {k[len("heads."):]: v for k, v in full.items() if k.startswith("heads.")}
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(path / "encoder")
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, str(path / HEADS_FILE))
+        self.encoder.save_pretrained(path / "encoder", **({"state_dict": encoder} if encoder is not None else {}))
+        save_file({k: v.contiguous() for k, v in heads.items()}, str(path / HEADS_FILE))
         (path / CONFIG_FILE).write_text(json.dumps({"tasks": [asdict(t) for t in self.tasks],
                                                     "dropout": self.dropout.p, "pooling": "mean"}, indent=2))
+        wait_for_everyone()
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MultiTaskModel":

@@ -167,8 +167,8 @@ def train(config=None) -> RunResult:
             single_runtime[spec.name] = seconds
 
     # 6. report
+    trainer.model.save_pretrained(out / "model")  # every rank: gathered under FSDP2 / ZeRO-3, rank 0 writes
     if is_main_process():
-        trainer.model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model" / "encoder")
     metrics = {
         "base_label": "base (untrained heads)",

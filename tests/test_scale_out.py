@@ -234,6 +234,10 @@ def test_fsdp2_sharded_model_saves_gathered_weights_that_reload(tmp_path, tiny_l
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     params = dict(reloaded.named_parameters())
+    _same(params, expected)
+
+
+def _same(params, expected):
     for name, value in expected.items():
         assert torch.equal(params[name], value), name
 
@@ -257,3 +261,15 @@ def test_finish_rl_run_saves_the_policy_before_evaluating_it(tmp_path, tiny_poli
         finish_rl_run(tmp_path, "t", model, tokenizer, task, DecodingSettings(max_new_tokens=2), {}, {}, [])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_fsdp2_sharded_multitask_model_saves_gathered_weights(tmp_path):
+    """MultiTaskModel.save_pretrained on every rank under FSDP2: encoder and heads gathered, reloadable."""
+    from hf_tuner import assets
+    from hf_tuner.multitask import MultiTaskModel
+
+    proc = _torchrun(Path(__file__).parent / "workers" / "fsdp2_save.py", assets.resolve("tiny-bert"), tmp_path,
+                     "multitask")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = torch.load(tmp_path / "expected.pt", weights_only=True)
+    _same(dict(MultiTaskModel.from_pretrained(tmp_path).named_parameters()), expected)
