@@ -1,4 +1,5 @@
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,14 @@ def test_fetch_refuses_a_wrong_checksum_and_leaves_nothing(monkeypatch, tmp_path
     assert not (tmp_path / "fake").exists() and not (tmp_path / "fake.partial").exists()
 
 
+PINNED = re.compile(r"(pypi|pypi-sdist):[A-Za-z0-9._-]+==[A-Za-z0-9.+!]+|deb:[a-z0-9.+-]+=[A-Za-z0-9.:~+-]+")
+
+
 def test_every_registry_asset_is_pinned():
+    for bad in ("pypi:pkg>=1.0", "pypi:pkg<=1.0", "pypi:pkg~=1.0", "pypi:pkg", "pypi:pkg==1.*", "deb:pkg>=1.0",
+                "deb:pkg", "pypi:pkg==1.0,<2"):
+        assert not PINNED.fullmatch(bad), bad
     for name, a in assets.ASSETS.items():
         if a.package != "local":
-            assert "==" in a.package or "=" in a.package, name
-            assert a.sha256 and len(a.sha256) == 64, name
+            assert PINNED.fullmatch(a.package), (name, a.package)
+            assert re.fullmatch(r"[0-9a-f]{64}", a.sha256 or ""), name
