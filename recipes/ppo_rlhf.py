@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch recipes/x.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_tuner.config import ConfigError, RunArguments, parse_config, prepare_output_dir  # noqa: E402
-from hf_tuner.rl.ppo import PPOArguments, check_minibatches  # noqa: E402
+from hf_tuner.rl.ppo import PPOArguments, check_minibatches, check_ppo_launch  # noqa: E402
 from hf_tuner.runs import RunResult, recipe_main  # noqa: E402
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -81,6 +81,7 @@ def train(config=None) -> RunResult:
                           f"num_generations={run.num_generations} for {run.algorithm}")
     if run.algorithm == "ppo":
         check_minibatches(args.per_device_train_batch_size, run.num_mini_batches)
+        check_ppo_launch()
     model_path = check_model_source(mcfg.model_name_or_path)
     train_prompts, held_prompts, gate_pairs = rl_prompts(
         data_sources(cfg, default="vader-sentiment"), run.vader_sources, run.eval_snippets, run.split_seed,

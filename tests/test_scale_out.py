@@ -273,3 +273,16 @@ def test_fsdp2_sharded_multitask_model_saves_gathered_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     _same(dict(MultiTaskModel.from_pretrained(tmp_path).named_parameters()), expected)
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_our_ppo_is_refused_under_fsdp_and_deepspeed_on_gpus(monkeypatch, env):
+    from hf_tuner.config import ConfigError
+    from hf_tuner.rl import ppo
+
+    monkeypatch.setenv(env, "true")
+    monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: True)
+    with pytest.raises(ConfigError, match="multi_gpu.yaml.*grpo or rloo"):
+        ppo.check_ppo_launch()
+    monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: False)  # CPU: accelerate runs it as DDP
+    ppo.check_ppo_launch()

@@ -143,6 +143,25 @@ def check_minibatches(batch_size: int, num_mini_batches: int) -> None:
                           f"num_mini_batches among {[d for d in range(1, batch_size + 1) if batch_size % d == 0]}.")
 
 
+def check_ppo_launch() -> None:
+    """Refuse our PPO under FSDP or DeepSpeed on GPUs, before anything loads. It prepares the policy and the
+    value head as two models (and a frozen reference beside them for full fine-tuning), which accelerate 1.15
+    refuses under FSDP2 ("only one model") and DeepSpeed (one engine per prepare, and an "auto" micro-batch
+    size with no dataloader to read it from); its checkpoints are written by rank 0 from unsharded weights.
+    Without CUDA, accelerate runs those configs as plain DDP, which works."""
+    import os
+
+    from hf_tuner.devices import cuda_available
+
+    engine = next((name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                   if os.environ.get(env, "").lower() in ("1", "true")), None)
+    if engine and cuda_available():
+        raise ConfigError(f"algorithm: ppo (ours) cannot run under {engine}: it prepares the policy and a value "
+                          f"head as two models, which accelerate refuses under {engine}. Launch it with "
+                          "recipes/accelerate/multi_gpu.yaml (DDP; LoRA keeps each GPU's copy small), or use "
+                          "algorithm: grpo or rloo, whose TRL trainers run under FSDP and DeepSpeed.")
+
+
 # ---- rollouts and scoring: hf_tuner.policy_sampling ----
 
 def disable_dropout(model: nn.Module) -> None:
@@ -160,6 +179,7 @@ class PPOTrainer:
         from transformers import get_scheduler
 
         check_minibatches(args.per_device_train_batch_size, ppo.num_mini_batches)
+        check_ppo_launch()
         self.args, self.ppo, self.tokenizer, self.reward_fn = args, ppo, tokenizer, reward_fn
         self.eos_ids = eos_token_ids(policy, tokenizer)  # the ids rollouts end at, banned at first when scoring
         self.accelerator = accelerator or Accelerator(cpu=bool(args.use_cpu),
