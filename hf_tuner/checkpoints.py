@@ -195,6 +195,9 @@ def resume_point(training, run, output_dir: Path) -> str | None:
 
 def train_resumable(trainer, run, output_dir: Path):
     """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
+    from hf_tuner.training import sync_checkpointing_kwargs
+
+    sync_checkpointing_kwargs(trainer.args)  # TRL's PEFT + ZeRO-3 use_reentrant fix, where transformers reads it
     checkpoint = resume_point(trainer.args, run, output_dir)
     stop = StopOnSignal()
     trainer.add_callback(stop)

@@ -39,3 +39,20 @@ def planned_steps(args, n_examples: int) -> int:
         return args.max_steps
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     return max(1, math.ceil(math.ceil(n_examples / per_step) * args.num_train_epochs))
+
+
+def sync_checkpointing_kwargs(args) -> bool:
+    """Hand the Trainer the checkpointing kwargs TRL set, under the name transformers 5.24 reads.
+
+    TrainingArguments mirrors `gradient_checkpointing_kwargs` and `activation_checkpointing_kwargs` once, at
+    construction. TRL 1.16's trainers then write the old name: SFTTrainer forces `use_reentrant=True` for
+    PEFT + DeepSpeed ZeRO-3 (`args.gradient_checkpointing_kwargs = ... or {}` rebinds it to a new dict), while
+    `Trainer.train` reads `activation_checkpointing_kwargs`, so the fix was silently dropped. Call before
+    `train()`; TRL's keys win. True when something was copied."""
+    old = getattr(args, "gradient_checkpointing_kwargs", None)
+    new = getattr(args, "activation_checkpointing_kwargs", None)
+    if not old or old is new or all(new and k in new and new[k] == v for k, v in old.items()):
+        return False
+    args.activation_checkpointing_kwargs = {**(new or {}), **old}
+    args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
+    return True

@@ -286,3 +286,22 @@ def test_our_ppo_is_refused_under_fsdp_and_deepspeed_on_gpus(monkeypatch, env):
         ppo.check_ppo_launch()
     monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: False)  # CPU: accelerate runs it as DDP
     ppo.check_ppo_launch()
+
+
+def test_trl_use_reentrant_fix_reaches_the_name_transformers_reads(tmp_path):
+    """SFTTrainer's PEFT + ZeRO-3 branch (trl/trainer/sft_trainer.py, 1.16) runs
+        args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {}
+        args.gradient_checkpointing_kwargs["use_reentrant"] = True
+    after TrainingArguments mirrored the two names; Trainer.train (5.24) reads activation_checkpointing_kwargs.
+    The branch needs a DeepSpeed plugin, so its two statements are replayed here on a real SFTConfig."""
+    from trl import SFTConfig
+
+    from hf_tuner.training import sync_checkpointing_kwargs
+
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=True, report_to=[])
+    args.gradient_checkpointing_kwargs = args.gradient_checkpointing_kwargs or {}
+    args.gradient_checkpointing_kwargs["use_reentrant"] = True
+    assert not (args.activation_checkpointing_kwargs or {}).get("use_reentrant"), "transformers mirrors it now"
+    assert sync_checkpointing_kwargs(args)
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": True}
+    assert not sync_checkpointing_kwargs(args)
