@@ -157,7 +157,17 @@ def test_real_tiny_classifier_reward_model_and_generator(tmp_path, tiny_llama):
                      "    groups: {a: [Anna, Maria], b: [John, Peter]}\n")
     clf, tok = load_model("tiny-bert", "classification", num_labels=2)
     r = bias_for_model(clf, tok, terms=terms)
-    assert r["kind"] == "classifier" and 0 <= r["dimensions"]["names"]["gap"] < 1
+    assert r["kind"] == "classifier"
+    # the gap by hand: P(last class) of each text, each group's mean over its templates, highest minus lowest
+    clf.eval()
+    with torch.no_grad():
+        p = {name: clf(**tok([t.format(name=name) for t in ("{name} is here.", "I saw {name}.")],
+                               return_tensors="pt", padding=True)).logits.softmax(-1)[:, -1].mean().item()
+             for name in ("Anna", "Maria", "John", "Peter")}
+    means = {"a": (p["Anna"] + p["Maria"]) / 2, "b": (p["John"] + p["Peter"]) / 2}
+    names = r["dimensions"]["names"]
+    assert names["gap"] == pytest.approx(abs(means["a"] - means["b"]), rel=1e-4, abs=1e-7), (names, means)
+    assert names["highest"] == max(means, key=means.get)
     reward, _ = load_model("tiny-bert", "classification", num_labels=1, ignore_mismatched_sizes=True)
     assert bias_for_model(reward, tok, terms=terms)["kind"] == "reward"
     lm, lm_tok = load_model(tiny_llama, "causal-lm")
@@ -175,6 +185,7 @@ def test_cli_eval_bias_writes_its_record(tmp_path, capsys):
     assert "| p (Holm) |" in md and "95% CI" not in md and "pronouns" in capsys.readouterr().out
     assert all(0 < r["p_value"] <= 1 and r["n_permutations"] == 999 for r in record["dimensions"].values())
     assert main(["eval", "--model", "tiny-bert", "--output_dir", str(tmp_path / "c")]) == 2  # no --task, no --bias
+    assert "eval needs --task (or --bias" in capsys.readouterr().err
 
 
 def test_bad_probe_file_names_the_problem(tmp_path):

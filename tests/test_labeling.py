@@ -421,6 +421,7 @@ def test_generate_writes_candidates_the_page_loads(tmp_path, tiny_llama, capsys)
     assert "exists" in capsys.readouterr().err
     assert main(["generate", "--model", tiny_llama, "--prompts", str(prompts), "--decoding", "nucleus",
                  "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "unknown decoding preset(s) ['nucleus']" in capsys.readouterr().err
     assert main(["generate", "--model", tiny_llama, "--prompts", str(prompts), "--compare_base",
                  "--output", str(tmp_path / "y.jsonl")]) == 2
     assert "--compare_base needs --adapter" in capsys.readouterr().err
@@ -502,10 +503,15 @@ class _Server:
 
 
 @pytest.mark.browser
-def test_browser_three_keyboard_judgments_survive_a_reload(ab_session):
+def test_browser_three_keyboard_judgments_survive_a_reload(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
+    # the first item's prompt and one answer carry a script that would retitle the page if it ran
+    rows = [{"prompt": EVIL if i == 0 else f"prompt number {i}", "base": EVIL if i == 0 else f"answer {i}a",
+             "tuned": f"left-or-right answer {i}b"} for i in range(5)]
+    ab_session = LabelSession("ab", read_ab_pairs(write_jsonl(tmp_path / "ab.jsonl", rows)),
+                              tmp_path / "judged.jsonl", "ann1")
     browser = _browser_or_skip()
     try:
         with _Server(ab_session) as url:
@@ -513,7 +519,8 @@ def test_browser_three_keyboard_judgments_survive_a_reload(ab_session):
             wait = _page_wait(browser)
             progress = lambda: browser.find_element(By.ID, "progress").text.strip()  # noqa: E731
             assert progress() == "1 of 5"
-            assert browser.title.startswith("hf-tuner label")
+            assert "document.title" in browser.find_element(By.TAG_NAME, "body").text  # shown as text
+            assert browser.title.startswith("hf-tuner label") and "pwned" not in browser.title
             for n, key in enumerate(["1", Keys.ARROW_RIGHT, "t"], start=2):
                 browser.find_element(By.TAG_NAME, "body").send_keys(key)
                 wait.until(lambda _: progress() == f"{n} of 5")

@@ -101,4 +101,5 @@ def test_cli_tokenizer_train(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert [r["vocab_size"] for r in report["rows"]][:2] == [500, 300] and report["held_out_documents"] == 2
     assert len(AutoTokenizer.from_pretrained(out)) == 500 and "tokens per word" in capsys.readouterr().out
-    assert main(["tokenizer", "train", "--corpus", str(corpus), "--output_dir", str(out)]) == 2  # not empty
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--output_dir", str(out)]) == 2
+    assert f"output_dir {out} already exists and is not empty" in capsys.readouterr().err
