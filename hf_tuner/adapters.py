@@ -154,11 +154,14 @@ def quantization_for(method: str, model_config=None):
 
     if bits == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_HEADS)
-    bf16 = cuda_available() or cpu_supports_bf16()
+    compute = torch.bfloat16 if cuda_available() or cpu_supports_bf16() else torch.float32
+    # The packed 4-bit weights are stored in the compute dtype rather than uint8: FSDP2 and ZeRO-3 shard a
+    # model's parameters only when they share one floating dtype, so uint8 storage leaves them unsharded
+    # (transformers' and PEFT's QLoRA + FSDP guides set bnb_4bit_quant_storage the same way).
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=getattr(model_config, "bnb_4bit_quant_type", None) or "nf4",
         bnb_4bit_use_double_quant=bool(getattr(model_config, "use_bnb_nested_quant", True)),
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32, llm_int8_skip_modules=_HEADS)
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute, llm_int8_skip_modules=_HEADS)
 
 
 @dataclass

@@ -305,3 +305,22 @@ def test_trl_use_reentrant_fix_reaches_the_name_transformers_reads(tmp_path):
     assert sync_checkpointing_kwargs(args)
     assert args.activation_checkpointing_kwargs == {"use_reentrant": True}
     assert not sync_checkpointing_kwargs(args)
+
+
+def test_qlora_stores_4bit_weights_in_the_compute_dtype_and_trains(tiny_llama):
+    """bnb_4bit_quant_storage = compute dtype, so FSDP2 / ZeRO-3 see one floating dtype to shard; the packed
+    weights load, run and take LoRA gradients on this CPU."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_tuner.adapters import quantization_for
+    from hf_tuner.models import load_model
+
+    q = quantization_for("qlora")
+    assert q.bnb_4bit_quant_storage == q.bnb_4bit_compute_dtype
+    model, _ = load_model(tiny_llama, "causal-lm", quantization_config=q)
+    packed = model.model.layers[0].self_attn.q_proj.weight
+    assert packed.dtype == q.bnb_4bit_compute_dtype, packed.dtype
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(3, 100, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
