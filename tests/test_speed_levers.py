@@ -49,29 +49,37 @@ def test_compact_loss_and_gradients_equal_the_full_logits_loss(tiny):
     model.zero_grad()
 
 
-def test_compact_loss_matches_trl_fused_head_under_gradient_accumulation(tiny_llama):
-    """Same loss as TRL's own SFTTrainer.compute_loss, with num_items_in_batch given (accumulation)."""
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
+def test_compact_loss_matches_stock_sft_trainer_under_gradient_accumulation(tiny_llama, tmp_path):
+    """The same loss as stock SFTTrainer.compute_loss on a batch TRL collated, with and without
+    num_items_in_batch (what Trainer passes under gradient accumulation: the labels of the whole step)."""
+    from trl import SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    add_fused_lm_head(model, outputs=("log_probs",))
-    batch = _batch(1)
-    trl_out = model(**batch, fused_lm_head=True, use_cache=False)
-    trl_loss = -trl_out.log_probs.sum() / 40
-    ours, _, _ = compact_lm_loss(model, batch, num_items_in_batch=40)
-    torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
+    stock = _plain_sft_trainer(SFTTrainer, tiny_llama, tmp_path / "stock", _rows(8))
+    ours = _sft_trainer(tiny_llama, tmp_path / "ours", _rows(8))
+    batch = next(iter(stock.get_train_dataloader()))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    for items in (None, torch.tensor(3 * labelled)):  # this micro-batch alone, or one of three in the step
+        expected = stock.compute_loss(stock.model, dict(batch), num_items_in_batch=items)
+        got = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=items)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got < 0.5 * ours.compute_loss(ours.model, dict(batch))  # the step's label count divides it
 
 
-def _sft_trainer(tiny_llama, tmp_path, rows, **args):
+def _plain_sft_trainer(trainer_cls, model, tmp_path, rows, **args):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from hf_tuner.compact_loss import compact_loss_trainer
+    from trl import SFTConfig
 
     config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
                        report_to="none", per_device_train_batch_size=4, seed=3, **args)
-    return compact_loss_trainer(SFTTrainer)(model=tiny_llama, args=config, train_dataset=Dataset.from_list(rows))
+    return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows))
+
+
+def _sft_trainer(tiny_llama, tmp_path, rows, **args):
+    from trl import SFTTrainer
+
+    from hf_tuner.compact_loss import compact_loss_trainer
+
+    return _plain_sft_trainer(compact_loss_trainer(SFTTrainer), tiny_llama, tmp_path, rows, **args)
 
 
 def _rows(n=48):
