@@ -21,12 +21,22 @@ class RunResult:
 def train_summary(trainer, train_output, runtime_s: float, **extra) -> dict:
     """The `train` part of metrics.json from a finished transformers Trainer."""
     state = trainer.state
+    precision = precision_used(trainer)
     summary = {"runtime_s": runtime_s, "train_loss": train_output.training_loss, "steps": state.global_step,
-               "bf16": bool(trainer.args.bf16)}
+               "bf16": precision == "bf16", "mixed_precision": precision}
     if state.num_input_tokens_seen:
         summary["train_tokens"] = state.num_input_tokens_seen
         summary["train_tokens_per_s"] = state.num_input_tokens_seen / runtime_s
     return {**summary, **extra}
+
+
+def precision_used(trainer) -> str:
+    """The mixed precision training ran in ("bf16", "fp16" or "no"): the accelerator's, not `args.bf16`.
+    transformers 5.24 takes ACCELERATE_MIXED_PRECISION (an accelerate config's `mixed_precision: bf16`)
+    when bf16 and fp16 are both false, so `args.bf16` can say false for a bf16 run."""
+    accelerator = getattr(trainer, "accelerator", None)
+    value = getattr(accelerator, "mixed_precision", None) or getattr(trainer.args, "mixed_precision", None)
+    return str(value or ("bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no"))
 
 
 def save_log_history(out: Path, log_history: list[dict]) -> None:

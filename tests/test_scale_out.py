@@ -324,3 +324,24 @@ def test_qlora_stores_4bit_weights_in_the_compute_dtype_and_trains(tiny_llama):
     ids = torch.randint(3, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_metrics_report_the_precision_the_launch_trained_in(tmp_path, tiny_llama, monkeypatch):
+    """`accelerate launch` with a yaml saying mixed_precision: bf16 (multi_gpu, fsdp, deepspeed) sets
+    ACCELERATE_MIXED_PRECISION; TrainingArguments(bf16=False) then trains in bf16. metrics.json says so."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from hf_tuner.runs import train_summary
+
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)
+    try:
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_steps=1)
+        trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=args)
+        assert trainer.args.bf16 is False and trainer.accelerator.mixed_precision == "bf16"
+        summary = train_summary(trainer, type("Out", (), {"training_loss": 1.0}), 1.0)
+    finally:
+        AcceleratorState._reset_state(True)  # the state is a process-wide singleton
+    assert summary["bf16"] is True and summary["mixed_precision"] == "bf16"
