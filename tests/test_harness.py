@@ -95,7 +95,7 @@ def test_classifier_logits_path_matches_a_direct_argmax(tiny_llama):
     assert set(result["metrics"]) >= {"accuracy", "precision", "recall", "f1"}
 
 
-def test_label_words_from_a_causal_lm(model_and_tokenizer):
+def test_label_words_from_a_causal_lm(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
     rows = [{"text": t, "label": lab} for t, lab in TEXTS[:4]]
     train = [{"text": t, "label": lab} for t, lab in TEXTS[4:]]
@@ -112,11 +112,15 @@ def test_label_words_from_a_causal_lm(model_and_tokenizer):
     assert task.parse_label("Positive, clearly. Not negative.") == "positive"
     assert task.parse_label("no idea") is None
     result = evaluate_model(model, tok, few, DecodingSettings(max_new_tokens=3, batch_size=2))
-    assert len(result["predictions"]) == 4
-    parsed = [task.parse_label(p) for p in result["predictions"]]
-    correct = sum(p == r["label"] for p, r in zip(parsed, rows))
-    assert result["metrics"]["accuracy"] == pytest.approx(correct / 4)
-    assert result["metrics"]["unparsed"] == sum(p is None for p in parsed)
+    assert len(result["predictions"]) == 4 and 0 <= result["metrics"]["accuracy"] <= 1
+    # scored from known answers: the first label word counts, a non-word is unparsed and wrong
+    import hf_tuner.evaluation.harness as harness
+
+    answers = ["Positive!", "positive, not negative", "nope, negatively", "Negative."]  # references: +, -, +, -
+    monkeypatch.setattr(harness, "generate_batched", lambda *a, **k: answers)
+    known = evaluate_model(model, tok, few, DecodingSettings(max_new_tokens=3, batch_size=2))
+    assert known["predictions"] == answers
+    assert known["metrics"]["accuracy"] == 0.5 and known["metrics"]["unparsed"] == 1.0
 
 
 def test_shot_builders_use_train_rows_only_and_repeat():
