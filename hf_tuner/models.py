@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,6 +74,36 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", revision: str
     return tokenizer
 
 
+@contextmanager
+def without_zero3_init():
+    """Load full weights even when a DeepSpeed ZeRO-3 TrainingArguments exists.
+
+    Building TrainingArguments under deepspeed_zero3.yaml registers its config with transformers, and every
+    later `from_pretrained` then loads inside `deepspeed.zero.Init`: each rank holds empty partitions, and the
+    base evaluation, which runs before any DeepSpeed engine exists, fails in `generate` ("'weight' must be
+    2-D"). Every recipe evaluates the base first, so the model loads whole (on each rank, as under DDP) and
+    the engine partitions it when the Trainer prepares it (ZeRO-3 converts a module not built under
+    zero.Init). The cost: each rank holds the full model until then, so a model too large for one process's
+    memory cannot be tuned with these recipes under ZeRO-3 (docs/scale-out.md)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def evaluation_device() -> torch.device:
+    """Where a freshly loaded model goes: this process's GPU (cuda:LOCAL_RANK) when there is one, so the base
+    evaluation runs there and not on the CPU of every rank; the Trainer then finds it in place. Under FSDP it
+    stays on the CPU, where accelerate's FSDP preparation (cpu_ram_efficient_loading) expects it."""
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
                revision: str | None = None, attn_implementation: str | None = None, quantization_config=None,
                gradient_checkpointing: bool = False, **kwargs):
@@ -96,9 +127,12 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     with_info = kwargs.pop("output_loading_info", False)
     kwargs.setdefault("trust_remote_code", TRUST_REMOTE_CODE)
     kwargs.setdefault("use_safetensors", None if ALLOW_PICKLE else True)
-    model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
-                                           attn_implementation=attn_implementation,
-                                           quantization_config=quantization_config, **kwargs)
+    with without_zero3_init():
+        model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
+                                               attn_implementation=attn_implementation,
+                                               quantization_config=quantization_config, **kwargs)
+    if quantization_config is None and kwargs.get("device_map") is None:
+        model = model.to(evaluation_device())
     if quantization_config is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -345,3 +345,55 @@ def test_metrics_report_the_precision_the_launch_trained_in(tmp_path, tiny_llama
     finally:
         AcceleratorState._reset_state(True)  # the state is a process-wide singleton
     assert summary["bf16"] is True and summary["mixed_precision"] == "bf16"
+
+
+def test_base_model_loads_whole_after_a_zero3_training_config(tiny_llama):
+    """Under deepspeed_zero3.yaml, TrainingArguments registers its DeepSpeed config and transformers would load
+    every later model inside deepspeed.zero.Init (empty partitions: the base evaluation's generate fails; here,
+    without deepspeed installed, the load itself fails). load_model loads whole weights that generate."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from hf_tuner.generation import DecodingSettings, generate_batched
+    from hf_tuner.models import load_model
+
+    class Zero3Config:  # what TrainingArguments registers (HfTrainerDeepSpeedConfig); only is_zero3 is read
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    registered = Zero3Config()
+    hf_deepspeed.set_hf_deepspeed_config(registered)
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        model, tokenizer = load_model(tiny_llama, "causal-lm")
+        assert hf_deepspeed.is_deepspeed_zero3_enabled(), "the training config is left in place"
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    assert all(p.dim() > 0 and p.numel() > 0 for p in model.parameters())
+    tokenizer.padding_side = "left"
+    assert len(generate_batched(model, tokenizer, ["a b"], DecodingSettings(max_new_tokens=2))) == 1
+
+
+def test_loaded_models_go_to_this_ranks_gpu_except_under_fsdp(monkeypatch):
+    from hf_tuner.models import evaluation_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert evaluation_device() == torch.device("cuda", 3)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert evaluation_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert evaluation_device() == torch.device("cpu")
+
+
+def test_load_model_places_the_model_on_the_evaluation_device(tiny_llama, monkeypatch):
+    """The base evaluation runs where load_model put the model: on a GPU machine cuda:LOCAL_RANK (faked here
+    as meta, the only other device a CPU has)."""
+    import hf_tuner.models as models
+
+    monkeypatch.setattr(models, "evaluation_device", lambda: torch.device("meta"))
+    model, _ = models.load_model(tiny_llama, "causal-lm")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
