@@ -119,7 +119,7 @@ def test_unknown_model_asset_lists_known_ones(tmp_path, definitions_file):
 # own loss (llama-adapter, adalora), AdaLoRA's allocation callback, a 4-bit base (qlora), no adapter (full).
 @pytest.mark.parametrize("method,lr", [("prompt-tuning", 3e-2), ("prefix-tuning", 3e-2), ("llama-adapter", 3e-2),
                                        ("adalora", 1e-2), ("qlora", 1e-2), ("ia3", 3e-2), ("full", 1e-3)])
-def test_recipe_trains_every_kind_of_method(method, lr, tmp_path, definitions_file):
+def test_recipe_trains_every_kind_of_method(method, lr, tmp_path, definitions_file, capsys):
     options = {"num_virtual_tokens": 4} if method in ("prompt-tuning", "prefix-tuning") else None
     result = train(_config(tmp_path, definitions_file, peft_method=method, peft_options=options, learning_rate=lr,
                            max_steps=8, few_shot=0, packing=method == "prompt-tuning"))
@@ -131,5 +131,14 @@ def test_recipe_trains_every_kind_of_method(method, lr, tmp_path, definitions_fi
     assert (train_metrics["trainable_percent"] == 100) == (method == "full")
     saved = result.output_dir / "adapter" / ("config.json" if method == "full" else "adapter_config.json")
     assert saved.is_file()
-    if method == "adalora":  # the callback ran: AdaLoRA's rank allocator has seen gradients
-        assert result.model.base_model.rankallocator.ipt
+    import yaml
+
+    packing = yaml.safe_load((result.output_dir / "config.yaml").read_text())["packing"]
+    if method == "prompt-tuning":  # asked for packing; virtual tokens would lose the sequence boundaries
+        assert packing is False and "packing turned off: prompt-tuning" in capsys.readouterr().out
+    if method == "adalora":  # the callback ran: the allocator has seen gradients and pruned the rank budget
+        model = result.model.base_model
+        assert model.rankallocator.ipt
+        masks = [m for n, m in model.named_parameters() if n.endswith("lora_E.default")]
+        active, initial = sum(int((e != 0).sum()) for e in masks), 12 * len(masks)  # init_r 12, target_r 8
+        assert masks and 8 * len(masks) <= active < 0.75 * initial, (active, initial)
