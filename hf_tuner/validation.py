@@ -27,6 +27,25 @@ def check_training_values(training) -> None:
         value = getattr(training, name, None)
         if value is not None and value <= 0:
             raise ConfigError(f"{name}: must be positive, got {value}")
+    align_precision_with_launcher(training)
+
+
+def align_precision_with_launcher(training) -> str | None:
+    """bf16 / fp16 made to say what the launch trains in. With both false, transformers 5.24 takes the
+    precision from ACCELERATE_MIXED_PRECISION (multi_gpu.yaml, fsdp.yaml and the DeepSpeed yamls say bf16), so
+    a TrainingArguments recipe (bf16 defaults to false there) silently trained in bf16 under DDP/FSDP while
+    metrics.json said false, and under DeepSpeed the Trainer refused the mismatch (bf16.enabled true in the
+    DeepSpeed config vs bf16=false). Returns the precision set, or None when nothing changed."""
+    import logging
+
+    mixed = getattr(training, "mixed_precision", "no")
+    if mixed not in ("bf16", "fp16") or getattr(training, "bf16", False) or getattr(training, "fp16", False):
+        return None
+    setattr(training, mixed, True)
+    logging.getLogger(__name__).warning(
+        "%s: on, as the accelerate launch asks (mixed_precision: %s); to train in fp32, launch with "
+        "--mixed_precision no", mixed, mixed)
+    return mixed
 
 
 def check_batch(n_examples: int, training, what: str) -> None:

@@ -397,3 +397,21 @@ def test_load_model_places_the_model_on_the_evaluation_device(tiny_llama, monkey
     monkeypatch.setattr(models, "evaluation_device", lambda: torch.device("meta"))
     model, _ = models.load_model(tiny_llama, "causal-lm")
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("cls", ["TrainingArguments", "SFTConfig"])
+def test_bf16_follows_the_launchers_mixed_precision(tmp_path, monkeypatch, cls):
+    """An accelerate yaml with mixed_precision: bf16 and a recipe whose bf16 is false: the Trainer would train
+    in bf16 (DDP/FSDP) or refuse the DeepSpeed config (ZeRO); parse_config turns bf16 on, so both agree."""
+    import transformers
+    import trl
+
+    from hf_tuner.config import parse_config
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    training_cls = getattr(transformers, cls, None) or getattr(trl, cls)
+    cfg = parse_config(training_cls, {"output_dir": str(tmp_path), "bf16": False})
+    assert cfg.training.bf16 is True and cfg.training.mixed_precision == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    cfg = parse_config(training_cls, {"output_dir": str(tmp_path), "bf16": False})
+    assert cfg.training.bf16 is False and cfg.training.mixed_precision == "no"
