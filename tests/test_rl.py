@@ -314,15 +314,38 @@ def test_the_judge_scores_the_response_alone_and_ignores_the_reward(tiny_llama):
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_trl_algorithms_run_through_the_same_recipe(tmp_path, tiny_llama, algorithm):
+def test_trl_algorithms_run_through_the_same_recipe(tmp_path, tiny_llama, algorithm, monkeypatch):
+    import sys
+
     from recipes.ppo_rlhf import train
 
+    scored, original = [], length_reward
+
+    def counted_reward(prompts, responses):  # the recipe imports test_rl:length_reward by name
+        scored.append([float(x) for x in original(prompts, responses)])
+        return scored[-1]
+
+    monkeypatch.setattr(sys.modules[__name__], "length_reward", counted_reward)
     result = train(_rl_config(tmp_path, tiny_llama, algorithm=algorithm, max_steps=2, num_generations=4,
                               ppo_epochs=1))
     assert result.metrics["train"]["algorithm"] == algorithm
     assert {"mean_reward", "kl", "distinct_2"} <= set(result.metrics["tuned"])
     _assert_judged(result)
-    assert json.loads((result.output_dir / "rl_history.json").read_text())
+    # TRL trained on our reward: two steps of 8 completions each, scored between base and tuned evaluation
+    training = scored[1:-1]
+    assert sum(map(len, training)) == 2 * 8, [len(x) for x in scored]
+    history = json.loads((result.output_dir / "rl_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+    for h, rewards in zip(history, training):
+        assert h["reward"] == pytest.approx(sum(rewards) / len(rewards), rel=1e-4)
+    # and the policy moved: the adapter changes the logits, and the tuned policy is measured away from the base
+    assert result.metrics["tuned"]["kl"] != 0.0
+    batch = result.tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        tuned = result.model(**batch).logits
+        with result.model.disable_adapter():
+            base = result.model(**batch).logits
+    assert not torch.allclose(tuned, base, atol=1e-5)
 
 
 def test_gate_refuses_a_bad_reward_model(tmp_path, tiny_llama):
