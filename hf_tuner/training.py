@@ -34,10 +34,13 @@ def plain_loss_trainer(trainer_cls: type) -> type:
 
 
 def planned_steps(args, n_examples: int) -> int:
-    """Optimizer steps a run will take on one process: max_steps, or epochs over the data."""
+    """Optimizer steps a run will take: max_steps, or epochs over the data, whose global batch spans every
+    process of the launch (AdaLoRA's schedule is sized from this)."""
+    from hf_tuner.distributed import world_size
+
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()
     return max(1, math.ceil(math.ceil(n_examples / per_step) * args.num_train_epochs))
 
 

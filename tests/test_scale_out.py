@@ -415,3 +415,14 @@ def test_bf16_follows_the_launchers_mixed_precision(tmp_path, monkeypatch, cls):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     cfg = parse_config(training_cls, {"output_dir": str(tmp_path), "bf16": False})
     assert cfg.training.bf16 is False and cfg.training.mixed_precision == "no"
+
+
+def test_planned_steps_count_the_global_batch_of_every_process(monkeypatch):
+    from hf_tuner.training import planned_steps
+
+    args = type("A", (), {"max_steps": -1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                          "num_train_epochs": 1})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert planned_steps(args, 64) == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the ranks split the data: half the steps
+    assert planned_steps(args, 64) == 4
