@@ -15,38 +15,10 @@ from pathlib import Path
 
 import torch
 
+# text chunking lives with the other text functions in data/, which loads no models; re-exported here
+from hf_tuner.data.text import chunk_text, paragraphs  # noqa: F401
+
 _WORD = re.compile(r"\w+")
-
-
-def paragraphs(text: str) -> list[str]:
-    """Blank-line separated blocks, each joined into one line; underline rows (*** / ===) dropped."""
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [line.strip() for line in block.split("\n") if line.strip()]
-        lines = [line for line in lines if not set(line) <= set("*=-~^")]
-        if lines:
-            out.append(" ".join(lines))
-    return out
-
-
-def chunk_text(text: str, max_words: int = 60) -> list[str]:
-    """Passages of at most `max_words` words: whole paragraphs merged while they fit, long ones cut."""
-    passages, current = [], []
-    for para in paragraphs(text):
-        words = para.split()
-        while len(words) > max_words:  # a long paragraph: cut it, the first part on its own
-            if current:
-                passages.append(" ".join(current))
-                current = []
-            passages.append(" ".join(words[:max_words]))
-            words = words[max_words:]
-        if current and len(current) + len(words) > max_words:
-            passages.append(" ".join(current))
-            current = []
-        current += words
-    if current:
-        passages.append(" ".join(current))
-    return passages
 
 
 def load_knowledge_base(name: str, max_words: int = 60) -> list[dict]:

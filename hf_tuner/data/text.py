@@ -9,6 +9,7 @@ Sources (each gives documents {"name", "text"}; a document is the unit a held-ou
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from hf_tuner.data.files import DataError, read_text
@@ -178,3 +179,34 @@ def whole_word_mask_collator(tokenizer, mlm_probability: float = 0.15, seed: int
         raise DataError(f"{type(tokenizer).__name__} has no mask token; masked-LM training needs one")
     return DataCollatorForLanguageModeling(tokenizer, mlm=True, whole_word_mask=True, mlm_probability=mlm_probability,
                                            mask_replace_prob=1.0, random_replace_prob=0.0, seed=seed)
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks, each joined into one line; underline rows (*** / ===) dropped."""
+    out = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in block.split("\n") if line.strip()]
+        lines = [line for line in lines if not set(line) <= set("*=-~^")]
+        if lines:
+            out.append(" ".join(lines))
+    return out
+
+
+def chunk_text(text: str, max_words: int = 60) -> list[str]:
+    """Passages of at most `max_words` words: whole paragraphs merged while they fit, long ones cut."""
+    passages, current = [], []
+    for para in paragraphs(text):
+        words = para.split()
+        while len(words) > max_words:  # a long paragraph: cut it, the first part on its own
+            if current:
+                passages.append(" ".join(current))
+                current = []
+            passages.append(" ".join(words[:max_words]))
+            words = words[max_words:]
+        if current and len(current) + len(words) > max_words:
+            passages.append(" ".join(current))
+            current = []
+        current += words
+    if current:
+        passages.append(" ".join(current))
+    return passages
