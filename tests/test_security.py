@@ -120,8 +120,14 @@ def test_network_is_blocked_in_tests_and_their_subprocesses():
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         socket.create_connection(server.getsockname(), timeout=5).close()
-    code = "import socket\ntry:\n    socket.create_connection(('192.0.2.1', 443), timeout=1)\nexcept OSError as e:\n" \
-           "    print(e)\n"
+    for resolve in (lambda: socket.getaddrinfo("example.com", 443), lambda: socket.gethostbyname("example.com"),
+                    lambda: socket.create_connection(("huggingface.co", 443), timeout=1)):
+        with pytest.raises(OSError, match="network access is blocked in tests: resolve"):  # no DNS query either
+            resolve()
+    assert socket.getaddrinfo("localhost", 80) and socket.getaddrinfo("127.0.0.1", 80)
+    code = "import socket\nfor a in [('192.0.2.1', 443), ('example.com', 443)]:\n    try:\n" \
+           "        socket.create_connection(a, timeout=1)\n    except OSError as e:\n        print(e)\n"
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                           timeout=60)
-    assert "network access is blocked" in proc.stdout, proc.stdout + proc.stderr
+    assert "blocked in tests: connect" in proc.stdout and "blocked in tests: resolve 'example.com'" in proc.stdout, \
+        proc.stdout + proc.stderr
