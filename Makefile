@@ -150,5 +150,10 @@ bench-ppo-peer: assets
 peft-compare: assets
 	$(PY) benchmarks/peft_compare.py --output_dir runs/peft-compare-$(RUN_ID)
 
+# GPU smoke suite: every scale-out path for a few steps on one GPU, one PASS/FAIL line per step (not run yet).
+.PHONY: gpu-check
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --output_dir runs/gpu-check-$(RUN_ID) $(GPU_CHECK_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)
