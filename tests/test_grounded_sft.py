@@ -66,8 +66,6 @@ def test_text_chunking_lives_in_data_which_loads_no_models():
     assert out.strip() == "[]"
 
 
-@pytest.mark.xfail(strict=True, reason="data/pydoc_qa.py still imports `paragraphs` from hf_tuner.retrieval "
-                                       "(a one-line change to `from hf_tuner.data.text import paragraphs`)")
 def test_no_data_module_imports_a_model_layer():
     import ast
     from pathlib import Path

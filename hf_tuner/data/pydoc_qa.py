@@ -21,7 +21,7 @@ def pydoc_questions(min_answer_words: int = 3, max_answer_words: int = 25) -> li
     """{"question", "answer", "group": topic, "sentence"} rows, in topic order."""
     from pydoc_data.topics import topics
 
-    from hf_tuner.retrieval import paragraphs
+    from hf_tuner.data.text import paragraphs
 
     rows, seen = [], set()
     for topic, text in sorted(topics.items()):
