@@ -98,6 +98,54 @@ def _build_vader(sdist: Path, target: Path) -> None:
                 (target / Path(m.name).name).write_bytes(inner.extractfile(m).read())
 
 
+# The BIG-Bench-Hard source tasks that ship as JSON in the BIG-bench sdist (the other three BBH tasks are
+# programmatic task.py files). logical_deduction and tracking_shuffled_objects are read from their subtask
+# folders, named as BBH names them.
+BBH_JSON_TASKS = ["causal_judgment", "date_understanding", "disambiguation_qa", "dyck_languages",
+                  "formal_fallacies_syllogisms_negation", "geometric_shapes", "hyperbaton",
+                  "logical_deduction/three_objects", "logical_deduction/five_objects", "logical_deduction/seven_objects",
+                  "movie_recommendation", "navigate", "object_counting", "penguins_in_a_table",
+                  "reasoning_about_colored_objects", "ruin_names", "salient_translation_error_detection", "snarks",
+                  "sports_understanding", "temporal_sequences", "tracking_shuffled_objects/three_objects",
+                  "tracking_shuffled_objects/five_objects", "tracking_shuffled_objects/seven_objects", "word_sorting"]
+
+
+def bigbench_rows(task: dict) -> list[dict]:
+    """A BIG-bench task.json as rows in the layout of lm-eval's BIG-bench templates: `inputs` (task prefix +
+    input and output prefixes, BIG-bench's defaults "\nQ: " / "\nA: "), `targets`, `multiple_choice_targets`,
+    `multiple_choice_scores` (empty for free-text tasks)."""
+    def prefix(key, default):
+        value = task.get(key)
+        return default if value is None else value
+
+    rows = []
+    for i, ex in enumerate(task["examples"]):
+        text = prefix("task_prefix", "") + prefix("example_input_prefix", "\nQ: ") + ex["input"] + \
+            prefix("example_output_prefix", "\nA: ").rstrip(" ")  # lm-eval puts one space before the answer
+        scores = ex.get("target_scores") or {}
+        targets = ex.get("target")
+        targets = [t for t, v in scores.items() if v == max(scores.values())] if targets is None else \
+            ([targets] if isinstance(targets, str) else list(targets))
+        rows.append({"idx": i, "inputs": text.lstrip("\n"), "targets": targets,
+                     "multiple_choice_targets": list(scores), "multiple_choice_scores": [int(v) for v in scores.values()]})
+    return rows
+
+
+def _build_bigbench(sdist: Path, target: Path) -> None:
+    """task.json of each BBH source task -> <name>.jsonl (subtasks as logical_deduction_three_objects, ...)."""
+    wanted = {f"bigbench/benchmark_tasks/{t}/task.json": t.replace("/", "_") for t in BBH_JSON_TASKS}
+    with tarfile.open(sdist) as tar:
+        for member in tar:
+            key = member.name.split("/", 1)[-1]
+            if member.isfile() and key in wanted:
+                task = json.load(tar.extractfile(member))
+                rows = bigbench_rows(task)
+                (target / f"{wanted[key]}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    missing = sorted(set(wanted.values()) - {p.stem for p in target.glob("*.jsonl")})
+    if missing:
+        raise AssetError(f"bigbench sdist lacks the task files of: {', '.join(missing)}")
+
+
 def _build_wordnet(deb: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
@@ -138,6 +186,9 @@ ASSETS: dict[str, Asset] = {
         Asset("wordnet-definitions", "data", "WordNet 3.0 database: lemmas, senses and glosses",
               "WordNet", "deb:wordnet-base=1:3.0-37",
               "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752", _build_wordnet),
+        Asset("bigbench", "data", "BIG-bench task files of the 20 BIG-Bench-Hard sources that ship as JSON, as JSONL",
+              "Apache-2.0", "pypi-sdist:bigbench==1.0.0",
+              "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", _build_bigbench),
         Asset("tiny-llama", "model", "random 2-layer Llama, hidden 64, built locally for tests",
               "Apache-2.0", "local", None, _build_tiny("llama")),
         Asset("tiny-bert", "model", "random 2-layer BERT classifier, hidden 64, built locally for tests",

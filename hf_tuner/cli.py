@@ -90,8 +90,15 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"\n{result['n_texts']} counterfactual texts, score: {result['score']}, written to "
               f"{args.output_dir}:\n{result['table']}")
         return 0
+    if args.benchmarks:
+        from hf_tuner.evaluation.benchmarks import evaluate_benchmarks
+
+        table = evaluate_benchmarks(args.model, args.adapter, [b.strip() for b in args.benchmarks.split(",") if b.strip()],
+                                    args.output_dir, args.num_fewshot, args.limit, args.batch_size, args.include_path)
+        print(f"\nHeld-out benchmarks, written to {args.output_dir}:\n{table}")
+        return 0
     if not args.task:
-        raise ValueError("eval needs --task (or --bias for the counterfactual bias checks)")
+        raise ValueError("eval needs --task (or --bias for the counterfactual bias checks, or --benchmarks)")
     record = evaluate_checkpoint(
         args.model, args.task, args.output_dir, adapter=args.adapter,
         baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
@@ -242,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--max_new_tokens", type=int, default=48)
     p_eval.add_argument("--batch_size", type=int, default=16)
     p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--benchmarks", help="comma list of lm-evaluation-harness tasks or suites (bbh-bigbench, "
+                        "bbh-bigbench-quick, or any lm-eval task whose data is reachable), instead of --task")
+    p_eval.add_argument("--num_fewshot", type=int, default=0, help="with --benchmarks: few-shot examples")
+    p_eval.add_argument("--limit", type=int, help="with --benchmarks: items per task (default: all; the quick suite: 100)")
+    p_eval.add_argument("--include_path", help="with --benchmarks: a folder of your own lm-eval task YAMLs")
     p_tok = sub.add_parser("tokenizer", help="train a BPE or unigram tokenizer on a corpus; tokens per word vs others")
     p_tok.add_argument("action", choices=["train"])
     p_tok.add_argument("--corpus", default="pydoc-topics,wordnet-glosses",

@@ -72,6 +72,14 @@ class RunArguments:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/held-out split (independent of `seed`)"})
     held_out_tasks: list[str] | None = field(
         default=None, metadata={"help": "datasets evaluated base vs tuned but never trained on (FLAN-style)"})
+    held_out_benchmarks: list[str] | None = field(default=None, metadata={
+        "help": "lm-evaluation-harness tasks scored base vs tuned (causal-LM recipes): the local suites bbh-bigbench "
+                "and bbh-bigbench-quick, or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
+    benchmark_include_path: str | None = field(default=None, metadata={
+        "help": "a folder of your own lm-eval task YAMLs, whose tasks held_out_benchmarks can then name"})
+    benchmark_num_fewshot: int = field(default=0, metadata={"help": "few-shot examples in the held-out benchmarks"})
+    benchmark_limit: int | None = field(default=None, metadata={
+        "help": "items per benchmark task (None: all; bbh-bigbench-quick alone: its own limit of 100)"})
     evaluate_base: bool = field(default=True, metadata={
         "help": "evaluate the base model and its baselines before training (off only for sweeps that share one base)"})
     few_shot: int = field(default=3, metadata={"help": "examples in the few-shot baseline prompt (0: no baseline)"})
@@ -255,6 +263,8 @@ NOT_USED = {
                      "gets no eval set (set to no)",
     "dataset_text_field": "rows are read by their TRL type (hf_tuner/data/formats.py); rename a column with "
                           "dataset_columns instead",
+    "held_out_benchmarks": "lm-eval benchmarks run on the causal-LM recipes (sft_instruction, continued_pretraining, "
+                           "grounded_sft); this recipe does not run them",
     "assistant_only_loss": "every assistant turn of a multi-turn row already carries loss (hf_tuner/data/chat_masks.py); "
                            "TRL's option needs {% generation %} markers that most chat templates lack",
 }

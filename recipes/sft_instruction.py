@@ -25,7 +25,7 @@ from hf_tuner.runs import RunResult, recipe_main, save_log_history  # noqa: E402
 def _config(source) -> RunConfig:
     from trl import SFTConfig
 
-    return parse_config(SFTConfig, source)
+    return parse_config(SFTConfig, source, uses={"held_out_benchmarks"})
 
 
 def _check_and_load_data(cfg: RunConfig):
@@ -74,6 +74,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
+    from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model, load_tokenizer
@@ -115,6 +116,7 @@ def train(config=None) -> RunResult:
     if args.packing and args.packing_strategy == "wrapped":
         print("warning: packing_strategy wrapped lets sequences attend across their boundaries; "
               "bfd (the default) keeps them apart")
+    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -142,6 +144,7 @@ def train(config=None) -> RunResult:
         if run.few_shot:
             few = task.with_shots(run.few_shot, train_rows, run.split_seed)
             results[f"few_shot_{run.few_shot}"] = evaluate_model(model, tokenizer, few, decoding)
+    bench_base = run_on_main(benchmarks, model, tokenizer, out, "base") if run.evaluate_base else None
 
     # 4. train: completion-only loss on the chat-templated answers
     args.include_num_input_tokens_seen = "non_padding"
@@ -161,6 +164,8 @@ def train(config=None) -> RunResult:
     results["tuned"] = evaluate_model(trainer.model, tokenizer, task, decoding)
     for name, t in other_tasks.items():
         other[name]["tuned"] = evaluate_model(trainer.model, tokenizer, t, decoding)["metrics"]
+
+    bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned")
 
     # 6. report
     trainer.save_model(str(out / "adapter"))  # rank 0 only, as every write below
@@ -196,6 +201,8 @@ def train(config=None) -> RunResult:
             v["trained"] = trained.get(k, 0)
         notes = ["## Data", "", "| source | train rows | trained | test rows |", "|---|---:|---:|---:|",
                  *[f"| {k} | {v['train']} | {v['trained']} | {v['test']} |" for k, v in data.counts.items()], ""]
+    metrics["held_out_benchmarks"], bench_notes = report_benchmarks(bench_base, bench_tuned)
+    notes += bench_notes
     table = write_run_record(out, "sft_instruction", metrics, generations[:run.report_examples],
                              trainer.state.log_history, notes, generations=generations)
     save_log_history(out, trainer.state.log_history)

@@ -1,0 +1,121 @@
+"""Held-out benchmarks through lm-evaluation-harness: local task YAMLs, base vs tuned with paired standard
+errors, the same numbers as lm-eval's own command line, refusals before any model loads, and the BIG-bench
+conversion. Tiny models and tiny local tasks built here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import subprocess_env
+from hf_tuner.evaluation.benchmarks import Benchmarks, BenchmarkError, compare, expand, paired
+
+TOY_YAML = """task: toy_fruit
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{inputs}}}}"
+doc_to_target: "{{{{multiple_choice_scores.index(1)}}}}"
+doc_to_choice: "{{{{multiple_choice_targets}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+WORDS = ["apple", "stone", "pear", "river", "cloud", "lamp", "plum", "chair", "fig", "glass", "lime", "bread"]
+FRUIT = {"apple", "pear", "plum", "fig", "lime"}
+
+
+@pytest.fixture(scope="module")
+def toy_tasks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    rows = [{"inputs": f"Q: Is {w} a fruit?\nA:", "multiple_choice_targets": ["yes", "no"],
+             "multiple_choice_scores": [1, 0] if w in FRUIT else [0, 1]} for w in WORDS]
+    (folder / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "toy.yaml").write_text(TOY_YAML.format(path=folder / "toy.jsonl"))
+    return folder
+
+
+def test_bigbench_rows_keep_the_task_prefixes_and_the_right_answer():
+    from hf_tuner.assets import bigbench_rows
+
+    task = {"task_prefix": "Decide.", "example_input_prefix": "\nStatement: ", "example_output_prefix": "\nPlausible? ",
+            "examples": [{"input": "He scored", "target_scores": {"plausible": 0, "implausible": 1}}]}
+    row = bigbench_rows(task)[0]
+    assert row["inputs"] == "Decide.\nStatement: He scored\nPlausible?"  # lm-eval adds the space before the answer
+    assert row["multiple_choice_targets"][row["multiple_choice_scores"].index(1)] == "implausible"
+    default = bigbench_rows({"examples": [{"input": "2+2?", "target": ["4", "four"]}]})[0]
+    assert default["inputs"] == "Q: 2+2?\nA:" and default["targets"] == ["4", "four"]
+
+
+def test_suites_expand_and_the_quick_suite_is_part_of_the_full_one():
+    quick, full = expand(["bbh-bigbench-quick"]), expand(["bbh-bigbench"])
+    assert quick and set(quick) < set(full) and len(full) == 22
+    assert expand(["toy", "toy", "bbh-bigbench-quick"]) == ["toy", *quick]
+
+
+def test_paired_difference_and_its_standard_error():
+    diff, se = paired([1, 0, 1, 0], [1, 1, 1, 1])
+    assert diff == 0.5 and se == pytest.approx((1 / 3) ** 0.5 / 2)  # d = 0,1,0,1: sd sqrt(1/3), n 4
+    rows = compare({"tasks": {"t": {"acc": 0.5, "acc_stderr": 0.3, "n": 4, "correct": [1, 0, 1, 0]}}},
+                   {"tasks": {"t": {"acc": 1.0, "acc_stderr": 0.0, "n": 4, "correct": [1, 1, 1, 1]}}})
+    assert rows[0]["difference"] == 0.5 and not rows[0]["significant"]  # 0.5 < 1.96 x 0.289
+
+
+def test_in_memory_model_matches_lm_evals_own_command_line(tmp_path, toy_tasks, tiny_llama):
+    from hf_tuner.models import load_model
+
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    ours = Benchmarks(["toy_fruit"], include_path=str(toy_tasks), batch_size=4).run(model, tokenizer, tmp_path, "m")
+    assert (tmp_path / "m.json").is_file() and ours["tasks"]["toy_fruit"]["n"] == len(WORDS)
+    cli = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={tiny_llama},dtype=float32", "--tasks", "toy_fruit", "--include_path",
+                          str(toy_tasks), "--batch_size", "4", "--output_path", str(tmp_path / "cli")],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    result = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]["toy_fruit"]
+    assert result["acc,none"] == pytest.approx(ours["tasks"]["toy_fruit"]["acc"])
+    assert result["acc_stderr,none"] == pytest.approx(ours["tasks"]["toy_fruit"]["acc_stderr"])
+
+
+def test_unknown_and_unreachable_tasks_are_refused_before_loading(toy_tasks):
+    with pytest.raises(BenchmarkError, match="unknown task\\(s\\) no_such_task; the local suites are bbh-bigbench"):
+        Benchmarks(["no_such_task"], include_path=str(toy_tasks)).check()
+    with pytest.raises(BenchmarkError, match="could not load the data of mmlu_anatomy .*needs the Hub, or the dataset "
+                                             "in the datasets cache"):
+        Benchmarks(["mmlu_anatomy"]).check()
+
+
+def test_sft_instruction_reports_benchmarks_base_vs_tuned(tmp_path, toy_tasks, definitions_file, tiny_llama):
+    from recipes.sft_instruction import train
+
+    result = train({"model_name_or_path": "tiny-llama", "dataset_name": str(definitions_file),
+                    "output_dir": str(tmp_path / "run"), "eval_samples": 4, "few_shot": 0, "eval_batch_size": 4,
+                    "eval_max_new_tokens": 4, "per_device_train_batch_size": 4, "max_steps": 6,
+                    "learning_rate": 1e-2, "lora_r": 8, "max_length": 64, "save_strategy": "no", "report_to": [],
+                    "bf16": False, "seed": 0, "num_threads": 2, "held_out_benchmarks": ["toy_fruit"],
+                    "benchmark_include_path": str(toy_tasks)})
+    bench = result.metrics["held_out_benchmarks"]["comparison"][0]
+    base = json.loads((result.output_dir / "benchmarks" / "base.json").read_text())["results"]["toy_fruit"]
+    assert bench["base"] == pytest.approx(base["acc,none"]) and bench["n"] == len(WORDS)
+    tuned = [json.loads(x) for x in (result.output_dir / "benchmarks" / "tuned_samples.jsonl").read_text().splitlines()]
+    assert bench["tuned"] == pytest.approx(sum(r["acc"] for r in tuned) / len(tuned))
+    assert "## Held-out benchmarks (lm-evaluation-harness)" in (result.output_dir / "report.md").read_text()
+
+
+def test_hf_tuner_eval_benchmarks_on_a_checkpoint(tmp_path, toy_tasks, tiny_llama):
+    from hf_tuner.cli import main
+
+    assert main(["eval", "--benchmarks", "toy_fruit", "--include_path", str(toy_tasks), "--model", tiny_llama,
+                 "--output_dir", str(tmp_path / "e"), "--batch_size", "4"]) == 0
+    lm_eval_json = json.loads((tmp_path / "e" / "results.json").read_text())
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["tasks"]["toy_fruit"]["acc"] == pytest.approx(lm_eval_json["results"]["toy_fruit"]["acc,none"])
+    assert "| toy_fruit | 12 |" in (tmp_path / "e" / "report.md").read_text()
