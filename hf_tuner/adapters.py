@@ -214,10 +214,13 @@ def peft_setup(method: str, model_path: str, task: str = "causal-lm", model_conf
 
 
 def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as the values they hold, not bytes."""
+    """(trainable, total) parameter counts; 4-bit weights count as the values they hold, not their storage
+    elements; a ZeRO-3 partition counts as the whole parameter (`ds_numel`; its own numel() is 0)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)  # packed two per byte
+        n = getattr(p, "ds_numel", None) or p.numel()
+        if p.__class__.__name__ == "Params4bit":  # packed: 8 bits / 4 per uint8, 16 / 4 per bf16 (quant_storage)
+            n *= p.element_size() * 2
         total += n
         if p.requires_grad:
             trainable += n

@@ -320,6 +320,10 @@ def test_qlora_stores_4bit_weights_in_the_compute_dtype_and_trains(tiny_llama):
     model, _ = load_model(tiny_llama, "causal-lm", quantization_config=q)
     packed = model.model.layers[0].self_attn.q_proj.weight
     assert packed.dtype == q.bnb_4bit_compute_dtype, packed.dtype
+    from hf_tuner.adapters import trainable_parameters
+
+    plain, _ = load_model(tiny_llama, "causal-lm")
+    assert trainable_parameters(model)[1] == trainable_parameters(plain)[1]  # 4-bit values counted, not storage
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(3, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -426,3 +430,14 @@ def test_planned_steps_count_the_global_batch_of_every_process(monkeypatch):
     assert planned_steps(args, 64) == 8
     monkeypatch.setenv("WORLD_SIZE", "2")  # the ranks split the data: half the steps
     assert planned_steps(args, 64) == 4
+
+
+def test_trainable_parameters_count_zero3_partitions_whole():
+    """Under zero.Init a parameter's own numel() is 0 (its partition); DeepSpeed keeps the size in ds_numel.
+    Full fine-tuning printed a trainable percentage of 0 / 0."""
+    from hf_tuner.adapters import trainable_parameters
+
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.ds_numel, p.data = p.numel(), torch.empty(0)  # what zero.Init leaves on each rank
+    assert trainable_parameters(model) == (15, 15)
