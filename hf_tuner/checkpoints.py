@@ -184,13 +184,34 @@ class StopOnSignal(TrainerCallback):
 
 
 def resume_point(training, run, output_dir: Path) -> str | None:
-    """resolve_resume, then the half-written checkpoints newer than the chosen one set aside."""
-    checkpoint = resolve_resume(training, run, output_dir)
+    """resolve_resume on rank 0, its choice sent to every rank (each rank looking for itself could see a
+    checkpoint another rank is still writing, or none on a node-local disk, and resume from another step),
+    then the half-written checkpoints newer than the chosen one set aside."""
+    checkpoint = agreed(lambda: resolve_resume(training, run, output_dir))
     if checkpoint:
         if Path(checkpoint).parent.resolve() == output_dir.resolve():
             set_aside_incomplete(output_dir, Path(checkpoint))
         print(f"resuming from {checkpoint}")
     return checkpoint
+
+
+def agreed(choose):
+    """`choose()` on rank 0, its result (or its ConfigError) broadcast to every rank of the process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return choose()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", choose())]
+        except ConfigError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def train_resumable(trainer, run, output_dir: Path):

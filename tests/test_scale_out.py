@@ -441,3 +441,26 @@ def test_trainable_parameters_count_zero3_partitions_whole():
     for p in model.parameters():
         p.ds_numel, p.data = p.numel(), torch.empty(0)  # what zero.Init leaves on each rank
     assert trainable_parameters(model) == (15, 15)
+
+
+def test_every_rank_resumes_from_rank_zeros_choice(tmp_path, monkeypatch):
+    """Rank 1 sees no complete checkpoint (its node-local disk, a save not yet visible): it still resumes from
+    rank 0's. Only the collective is faked: rank 0's choice arrives as broadcast_object_list delivers it."""
+    import torch.distributed as dist
+
+    from hf_tuner import checkpoints
+
+    chosen = str(_checkpoint(tmp_path / "rank0" / "checkpoint-4", 4))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, ("ok", chosen)))
+    monkeypatch.setenv("RANK", "1")
+    args = type("A", (), {"resume_from_checkpoint": "latest"})
+    assert checkpoints.resume_point(args, _Run, tmp_path / "rank1-empty") == chosen
+    monkeypatch.setattr(dist, "broadcast_object_list",
+                        lambda box, src: box.__setitem__(0, ("error", "resume_from_checkpoint: no complete")))
+    from hf_tuner.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no complete"):
+        checkpoints.resume_point(args, _Run, tmp_path / "rank1-empty")
