@@ -464,3 +464,26 @@ def test_every_rank_resumes_from_rank_zeros_choice(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="no complete"):
         checkpoints.resume_point(args, _Run, tmp_path / "rank1-empty")
+
+
+def test_slurm_script_derives_port_and_gpus_quotes_arguments_and_picks_deepspeeds_launcher(tmp_path):
+    """multi_node.slurm with srun and scontrol replaced by stubs: the command each node would run."""
+    import os
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "srun").write_text('#!/bin/bash\nshift\nprintf "%s\\n" "$3"\n')  # srun --kill-on-bad-exit=1 bash -c CMD
+    (tmp_path / "scontrol").write_text("#!/bin/bash\necho node1\necho node2\n")
+    for f in ("srun", "scontrol"):
+        (tmp_path / f).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
+           "ACCEL_CONFIG": "recipes/accelerate/deepspeed_zero3.yaml"}
+    out = subprocess.run(["bash", "recipes/accelerate/multi_node.slurm", "--run_name", "two words"], env=env,
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(out.replace("$SLURM_PROCID", "0"))
+    assert argv[argv.index("--num_processes") + 1] == "8"
+    assert argv[argv.index("--main_process_port") + 1] == str(20000 + 4242 % 30000)
+    assert argv[argv.index("--deepspeed_multinode_launcher") + 1] == "standard"
+    assert argv[-2:] == ["--run_name", "two words"]
