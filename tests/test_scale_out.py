@@ -477,11 +477,15 @@ def test_slurm_script_derives_port_and_gpus_quotes_arguments_and_picks_deepspeed
     (tmp_path / "scontrol").write_text("#!/bin/bash\necho node1\necho node2\n")
     for f in ("srun", "scontrol"):
         (tmp_path / f).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n[1-2]",
+    inherited = {k: v for k, v in os.environ.items()  # a launcher's variables from earlier tests stay out
+                 if not k.startswith(("SLURM_", "MASTER_", "GPUS_", "ACCEL", "RECIPE", "CONFIG", "TORCH_ELASTIC"))}
+    env = {**inherited, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n[1-2]",
            "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
            "ACCEL_CONFIG": "recipes/accelerate/deepspeed_zero3.yaml"}
-    out = subprocess.run(["bash", "recipes/accelerate/multi_node.slurm", "--run_name", "two words"], env=env,
-                         cwd=root, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["bash", "recipes/accelerate/multi_node.slurm", "--run_name", "two words"], env=env,
+                          cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     argv = shlex.split(out.replace("$SLURM_PROCID", "0"))
     assert argv[argv.index("--num_processes") + 1] == "8"
     assert argv[argv.index("--main_process_port") + 1] == str(20000 + 4242 % 30000)
