@@ -43,9 +43,11 @@ class PretrainingArguments(RunArguments):
 def _config(source):
     from transformers import TrainingArguments
 
-    cfg = parse_config(TrainingArguments, source, run_cls=PretrainingArguments)
+    cfg = parse_config(TrainingArguments, source, run_cls=PretrainingArguments, uses={"held_out_benchmarks"})
     if cfg.run.objective not in OBJECTIVES:
         raise ConfigError(f"objective: {cfg.run.objective!r} is not one of {list(OBJECTIVES)}")
+    if cfg.run.held_out_benchmarks and cfg.run.objective != "clm":
+        raise ConfigError("held_out_benchmarks: lm-eval scores causal LMs; objective mlm cannot run them")
     if not 0 < cfg.run.mlm_probability < 1:
         raise ConfigError(f"mlm_probability: {cfg.run.mlm_probability} must lie between 0 and 1")
     return cfg
@@ -114,6 +116,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.data.text import chunk_dataset, whole_word_mask_collator
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.evaluation.tasks import LanguageModelingTask
     from hf_tuner.generation import DecodingSettings
@@ -133,6 +136,7 @@ def train(config=None) -> RunResult:
     train_docs, held_docs, general_docs, data = _data(cfg)
     if data.streaming and args.max_steps <= 0:
         raise ConfigError("dataset_streaming: a stream has no length; set max_steps")
+    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -155,6 +159,7 @@ def train(config=None) -> RunResult:
     settings = DecodingSettings(batch_size=run.eval_batch_size)
     results = {"base": evaluate_model(model, tokenizer, domain, settings)}
     general_results = {"base": evaluate_model(model, tokenizer, general, settings)} if general else {}
+    bench_base = run_on_main(benchmarks, model, tokenizer, out, "base")
 
     # 4. train on the concatenated, chunked training documents
     texts = _as_text(train_docs, tokenizer).select_columns(["text"])
@@ -174,6 +179,7 @@ def train(config=None) -> RunResult:
     results["tuned"] = evaluate_model(trainer.model, tokenizer, domain, settings)
     if general:
         general_results["tuned"] = evaluate_model(trainer.model, tokenizer, general, settings)
+    bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned")
 
     # 6. report
     trainer.save_model(str(out / "model"))
@@ -202,6 +208,8 @@ def train(config=None) -> RunResult:
         "held_out_tasks": {general.name: {k: v["metrics"] for k, v in general_results.items()}} if general else {},
     }
     notes = ["## Domain adaptation and forgetting", "", *[f"- {line}" for line in lines], ""]
+    metrics["held_out_benchmarks"], bench_notes = report_benchmarks(bench_base, bench_tuned)
+    notes += bench_notes
     if mlm:
         notes += [f"Masked-token accuracy over whole-word masks ({run.mlm_probability:.0%} of words, fixed seed): "
                   f"{results['base']['metrics']['masked_accuracy']:.3f} -> "

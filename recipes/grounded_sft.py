@@ -48,7 +48,7 @@ class GroundedArguments(RunArguments):
 def _config(source):
     from trl import SFTConfig
 
-    return parse_config(SFTConfig, source, run_cls=GroundedArguments)
+    return parse_config(SFTConfig, source, run_cls=GroundedArguments, uses={"held_out_benchmarks"})
 
 
 def _questions(name: str) -> list[dict]:
@@ -105,6 +105,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import GenerationTask, evaluate_model
+    from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
@@ -126,6 +127,7 @@ def train(config=None) -> RunResult:
     check_batch(len(train_q), args, cfg.script.dataset_name or "pydoc-qa")
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_q)))
+    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -152,6 +154,7 @@ def train(config=None) -> RunResult:
     settings = DecodingSettings(max_new_tokens=run.eval_max_new_tokens, batch_size=run.eval_batch_size, seed=args.seed)
     results = {"base": evaluate_model(model, tokenizer, tasks["no_context"], settings),
                "context": evaluate_model(model, tokenizer, tasks["context"], settings)}
+    bench_base = run_on_main(benchmarks, model, tokenizer, out, "base")
 
     # 4. train on grounded prompts: completion-only loss on the answers
     train_ds = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
@@ -165,6 +168,7 @@ def train(config=None) -> RunResult:
 
     # 5. evaluate the tuned model with the same retrieved context
     results["tuned"] = evaluate_model(trainer.model, tokenizer, tasks["context"], settings)
+    bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned")
 
     # 6. save and report
     trainer.save_model(str(out / "adapter"))
@@ -182,6 +186,8 @@ def train(config=None) -> RunResult:
              f"appears verbatim in the retrieved passages for {answer_found:.0%} of held-out questions.", "",
              "groundedness: share of the answer's words found in the retrieved passages (computed against the same "
              "passages for the no-context base). Held-out topics are never trained on.", ""]
+    metrics["held_out_benchmarks"], bench_notes = report_benchmarks(bench_base, bench_tuned)
+    notes += bench_notes
     examples = [{"question": q["question"], "reference": q["answer"],
                  **{k: v["predictions"][i] for k, v in results.items()}} for i, q in enumerate(held_q)]
     table = write_run_record(out, "grounded_sft", metrics, examples[:run.report_examples], trainer.state.log_history,
