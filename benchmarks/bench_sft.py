@@ -119,6 +119,7 @@ def worker_ours(spec: dict) -> dict:
         raise SystemExit(f"--batch_size {spec['batch_size']} is not a multiple of the recipe's micro-batch {micro}")
     config.update({"model_name_or_path": spec["model"], "dataset_name": spec["dataset"],
                    "output_dir": spec["output_dir"], "overwrite_output_dir": True, "evaluate_base": False,
+                   "held_out_benchmarks": None,  # the bench times training, not the demo's benchmark table
                    "few_shot": 0, "eval_samples": spec["eval_samples"], "eval_max_new_tokens": 8,
                    "train_samples": spec["sequences"], "num_train_epochs": 1, "max_steps": -1,
                    "per_device_train_batch_size": micro, "gradient_accumulation_steps": spec["batch_size"] // micro,

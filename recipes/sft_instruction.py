@@ -165,7 +165,7 @@ def train(config=None) -> RunResult:
     for name, t in other_tasks.items():
         other[name]["tuned"] = evaluate_model(trainer.model, tokenizer, t, decoding)["metrics"]
 
-    bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned")
+    bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned") if bench_base else None
 
     # 6. report
     trainer.save_model(str(out / "adapter"))  # rank 0 only, as every write below
