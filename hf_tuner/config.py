@@ -264,7 +264,7 @@ NOT_USED = {
     "dataset_text_field": "rows are read by their TRL type (hf_tuner/data/formats.py); rename a column with "
                           "dataset_columns instead",
     "held_out_benchmarks": "lm-eval benchmarks run on the causal-LM recipes (sft_instruction, continued_pretraining, "
-                           "grounded_sft); this recipe does not run them",
+                           "grounded_sft, dpo, ppo_rlhf); this recipe does not run them",
     "assistant_only_loss": "every assistant turn of a multi-turn row already carries loss (hf_tuner/data/chat_masks.py); "
                            "TRL's option needs {% generation %} markers that most chat templates lack",
 }

@@ -41,7 +41,7 @@ class DPOArguments(RunArguments):
 def _config(source):
     from trl import DPOConfig
 
-    return parse_config(DPOConfig, source, run_cls=DPOArguments)
+    return parse_config(DPOConfig, source, run_cls=DPOArguments, uses={"held_out_benchmarks"})
 
 
 def train(config=None) -> RunResult:
@@ -58,6 +58,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.data.preferences import as_continuations, is_vader, load_preferences, rl_prompts, with_prompt
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.benchmarks import from_run, run_on_main
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
@@ -94,6 +95,7 @@ def train(config=None) -> RunResult:
     check_batch(len(pairs), args, dataset_name)
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(pairs)))
+    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -108,6 +110,7 @@ def train(config=None) -> RunResult:
         p, tokenize=False, add_generation_prompt=True)
     task = RewardTask("held-out prompts", [{"prompt": render(p)} for p in held_prompts], reward_fn, run.temperature)
     base = evaluate_model(model, tokenizer, task, settings)
+    bench_base = run_on_main(benchmarks, model, tokenizer, out, "base")
 
     # 3. DPO: with an adapter, TRL's reference is the adapter-disabled base (no second copy)
     reference = copy.deepcopy(model).eval() if peft.config is None else None  # for the KL of a full fine-tune
@@ -126,7 +129,8 @@ def train(config=None) -> RunResult:
                   "train_pairs": len(pairs), "held_out_prompts_dropped_from_train": dropped, "beta": args.beta, "reward_model": run.reward_model,
                   "peft_method": run.peft_method}
     metrics, table = finish_rl_run(out, "DPO", trainer.model, tokenizer, task, settings, base, train_info, history,
-                                   trainer.state.log_history, run.report_examples, reward_model_note(run.reward_model))
+                                   trainer.state.log_history, run.report_examples, reward_model_note(run.reward_model),
+                                   benchmarks=benchmarks, benchmarks_base=bench_base)
     return RunResult(out, metrics, table, trainer.model, tokenizer)
 
 

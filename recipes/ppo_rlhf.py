@@ -49,7 +49,7 @@ class RLArguments(RunArguments, PPOArguments):
 def _config(source):
     from transformers import TrainingArguments
 
-    return parse_config(TrainingArguments, source, run_cls=RLArguments)
+    return parse_config(TrainingArguments, source, run_cls=RLArguments, uses={"held_out_benchmarks"})
 
 
 def train(config=None) -> RunResult:
@@ -63,6 +63,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.data.preferences import chat_prompt_renderer, rl_prompts
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
+    from hf_tuner.evaluation.benchmarks import from_run, run_on_main
     from hf_tuner.evaluation.tasks import RewardTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
@@ -89,6 +90,7 @@ def train(config=None) -> RunResult:
     reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs,
                                         split={k: getattr(run, k) for k in SPLIT_FIELDS})
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options, total_steps=args.max_steps)
+    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)
@@ -101,6 +103,7 @@ def train(config=None) -> RunResult:
     settings = DecodingSettings(max_new_tokens=run.response_length, batch_size=run.eval_batch_size, seed=args.seed)
     task = RewardTask("held-out prompts", [{"prompt": p} for p in held_prompts], reward_fn, run.temperature)
     results = {"base": evaluate_model(model, tokenizer, task, settings)}
+    bench_base = run_on_main(benchmarks, model, tokenizer, out, "base")
 
     # 3. RL: with an adapter the reference is the adapter-disabled base; full tuning keeps a frozen copy
     ref_model = copy.deepcopy(model).eval() if peft.config is None else None
@@ -123,7 +126,8 @@ def train(config=None) -> RunResult:
                   "final_kl_coef": history[-1].get("kl_coef") if history else None, "train_prompts": len(train_prompts)}
     metrics, table = finish_rl_run(out, f"RLHF ({run.algorithm})", model, tokenizer, task, settings, results["base"],
                                    train_info, history, report_examples=run.report_examples,
-                                   notes=reward_model_note(run.reward_model))
+                                   notes=reward_model_note(run.reward_model), benchmarks=benchmarks,
+                                   benchmarks_base=bench_base)
     return RunResult(out, metrics, table, model, tokenizer)
 
 

@@ -119,3 +119,25 @@ def test_hf_tuner_eval_benchmarks_on_a_checkpoint(tmp_path, toy_tasks, tiny_llam
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["tasks"]["toy_fruit"]["acc"] == pytest.approx(lm_eval_json["results"]["toy_fruit"]["acc,none"])
     assert "| toy_fruit | 12 |" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_dpo_reports_benchmarks_and_a_non_lm_recipe_names_the_field(tmp_path, toy_tasks, tiny_llama, capsys):
+    from recipes.dpo import train
+
+    pairs = [{"prompt": f"The {w} was", "chosen": " great fun", "rejected": " dull and slow"} for w in WORDS * 2]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    result = train({"model_name_or_path": tiny_llama, "dataset_name": str(tmp_path / "pairs.jsonl"),
+                    "output_dir": str(tmp_path / "dpo"), "reward_model": "test_rl:length_reward", "eval_samples": 4,
+                    "lora_target_modules": ["all-linear"], "response_length": 4, "max_length": 32,
+                    "per_device_train_batch_size": 4, "max_steps": 2, "learning_rate": 1e-2, "eval_batch_size": 4,
+                    "gradient_checkpointing": False, "save_strategy": "no", "report_to": [], "bf16": False,
+                    "seed": 0, "num_threads": 2, "held_out_benchmarks": ["toy_fruit"],
+                    "benchmark_include_path": str(toy_tasks)})
+    rows = result.metrics["held_out_benchmarks"]["comparison"]
+    assert rows[0]["task"] == "toy_fruit" and (result.output_dir / "benchmarks" / "tuned.json").is_file()
+    assert "## Held-out benchmarks" in (result.output_dir / "report.md").read_text()
+    from hf_tuner.config import parse_config
+    from transformers import TrainingArguments
+
+    parse_config(TrainingArguments, {"held_out_benchmarks": ["toy_fruit"], "output_dir": str(tmp_path / "o")})
+    assert "`held_out_benchmarks: ['toy_fruit']` is not used by this recipe" in capsys.readouterr().out

@@ -142,11 +142,12 @@ def save_history(out: Path, history: list[dict]) -> None:
 
 def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base: dict, train_info: dict,
                   history: list[dict], log_history: list[dict] | None = None, report_examples: int = 5,
-                  notes: list[str] | None = None):
+                  notes: list[str] | None = None, benchmarks=None, benchmarks_base: dict | None = None):
     """Save the tuned policy (first, so that a failure in the evaluation never loses it; gathered on every rank
     under FSDP2 / ZeRO-3, rank 0 writing), evaluate it on the base's prompts (same seed and sampling), and
     write metrics.json and report.md. The gain is judged against the standard error of the difference.
-    Call it on every rank."""
+    benchmarks / benchmarks_base: the run's held-out lm-eval benchmarks and the base's results; the tuned policy
+    is scored on them too and the report gains the base-vs-tuned table. Call it on every rank."""
     import math
 
     from hf_tuner.devices import peak_rss_mb
@@ -156,6 +157,10 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
 
     save_pretrained_gathered(model, out / "policy", tokenizer)
     tuned = evaluate_model(model, tokenizer, task, settings)
+    from hf_tuner.evaluation.benchmarks import report as report_benchmarks, run_on_main
+
+    bench_tuned = run_on_main(benchmarks, model, tokenizer, out, "tuned") if benchmarks_base else None
+    bench_metrics, bench_lines = report_benchmarks(benchmarks_base, bench_tuned)
     b, t = base["metrics"], tuned["metrics"]
     gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
     judge = f"judge_{task.judge}" if task.judge and f"judge_{task.judge}" in t else None
@@ -170,7 +175,8 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     metrics = {"base_label": "base (starting policy)", "base": b, "baselines": {}, "tuned": t,
                "train": {**train_info, "reward_gain": gain, "gain_se": se, "gain_over_2se": gain > 2 * se, **judged,
                          "peak_rss_mb": peak_rss_mb(), "eval_prompts": len(task.rows)},
-               "eval_seconds": {"base": base["seconds"], "tuned": tuned["seconds"]}}
+               "eval_seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
+               "held_out_benchmarks": bench_metrics}
     lines = [*(notes or []), *(["## RL curves", "", "![rl curves](rl_curves.png)", ""] if has_curves else []),
              f"Reward gain {gain:+.3f}, standard error of the difference {se:.3f}: "
              f"{'more' if gain > 2 * se else 'not more'} than twice it. KL is to the reference policy in nats per "
@@ -181,6 +187,7 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
                   f"{judged[f'{judge}_gain_se']:.3f}: {'more' if judged[f'{judge}_gain_over_2se'] else 'not more'} "
                   "than twice it. A reward gain the judge does not share may be over-optimisation of the reward "
                   "model.", ""]
+    lines += bench_lines
     examples, generations = [], []
     for i, row in enumerate(task.rows):
         g = {"prompt": row["prompt"], "base": base["predictions"][i], "tuned": tuned["predictions"][i],
