@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from hf_tuner.config import ConfigError
+from hf_tuner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ _TRL_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "
                     "use_rslora": "use_rslora"}
 
 
-class PeftMethodError(ConfigError):
-    """A PEFT method that cannot be built, or does not fit the model: the message says why."""
+from hf_tuner.errors import PeftMethodError  # noqa: E402,F401 - re-exported
 
 
 def _config_class(method: str):

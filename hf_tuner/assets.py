@@ -24,8 +24,7 @@ from typing import Callable
 MARKER = ".hf-tuner-asset.json"
 
 
-class AssetError(RuntimeError):
-    """An asset is unknown, not fetched yet, or failed to fetch."""
+from hf_tuner.errors import AssetError  # noqa: E402,F401 - re-exported: `from hf_tuner.assets import AssetError`
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ from transformers import HfArgumentParser
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    """A config that cannot run: the message names the field, file or value at fault."""
+from hf_tuner.errors import ConfigError  # noqa: E402,F401 - re-exported: `from hf_tuner.config import ConfigError`
 
 
 # Keys that transformers 5 / TRL 1.x renamed: mapped with a warning.

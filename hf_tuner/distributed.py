@@ -89,7 +89,7 @@ def requested_processes(argv: list[str] | None = None) -> int | None:
 
 def check_launch(argv: list[str] | None = None) -> None:
     """Refuse a launch that asked for several processes but runs as one; say how to launch instead."""
-    from hf_tuner.config import ConfigError
+    from hf_tuner.errors import ConfigError
 
     from hf_tuner.devices import cuda_available
 

@@ -6,8 +6,7 @@ hf_tuner.models); what needs the config and the data together lives here. Errors
 
 from __future__ import annotations
 
-from hf_tuner.config import ConfigError
-from hf_tuner.data import DataError
+from hf_tuner.errors import ConfigError, DataError
 
 
 def check_training_values(training) -> None:

@@ -115,3 +115,23 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "bogus_key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_error_types_live_in_a_leaf_module_and_are_the_same_everywhere():
+    import ast
+    import subprocess
+    import sys
+
+    import hf_tuner.adapters
+    import hf_tuner.assets
+    import hf_tuner.config
+    import hf_tuner.data
+    import hf_tuner.errors as errors
+
+    tree = ast.parse(open(errors.__file__).read())
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]  # a leaf: imports nothing
+    assert hf_tuner.config.ConfigError is errors.ConfigError and hf_tuner.adapters.PeftMethodError is errors.PeftMethodError
+    assert hf_tuner.assets.AssetError is errors.AssetError and hf_tuner.data.DataError is errors.DataError
+    # each layer imports alone, in any order (no circle through config for ConfigError)
+    for module in ("hf_tuner.validation", "hf_tuner.adapters", "hf_tuner.distributed", "hf_tuner.config"):
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)

@@ -16,8 +16,7 @@ SUFFIXES = {".json", ".jsonl", ".csv"}
 ROLES = {"system", "user", "assistant"}
 
 
-class DataError(ValueError):
-    """A data file that cannot be used: the message names the file and the row."""
+from hf_tuner.errors import DataError  # noqa: E402,F401 - re-exported: `from hf_tuner.data import DataError`
 
 
 def read_text(path: Path) -> str:
