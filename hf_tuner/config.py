@@ -76,6 +76,9 @@ class RunArguments:
                 "and bbh-bigbench-quick, or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
     benchmark_include_path: str | None = field(default=None, metadata={
         "help": "a folder of your own lm-eval task YAMLs, whose tasks held_out_benchmarks can then name"})
+    benchmark_batch_size: int = field(default=4, metadata={
+        "help": "batch size of the held-out benchmarks; lm-eval holds batch x length x vocabulary log-probs at once "
+                "(SmolLM2: about 20 MB per 100-token row), so a small batch keeps the peak memory down on CPU"})
     benchmark_num_fewshot: int = field(default=0, metadata={"help": "few-shot examples in the held-out benchmarks"})
     benchmark_limit: int | None = field(default=None, metadata={
         "help": "items per benchmark task (None: all; bbh-bigbench-quick alone: its own limit of 100)"})

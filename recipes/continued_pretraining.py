@@ -136,7 +136,7 @@ def train(config=None) -> RunResult:
     train_docs, held_docs, general_docs, data = _data(cfg)
     if data.streaming and args.max_steps <= 0:
         raise ConfigError("dataset_streaming: a stream has no length; set max_steps")
-    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
+    benchmarks = from_run(run)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)

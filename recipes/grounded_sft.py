@@ -127,7 +127,7 @@ def train(config=None) -> RunResult:
     check_batch(len(train_q), args, cfg.script.dataset_name or "pydoc-qa")
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options,
                       total_steps=planned_steps(args, len(train_q)))
-    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
+    benchmarks = from_run(run)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)

@@ -90,7 +90,7 @@ def train(config=None) -> RunResult:
     reward_accuracy = check_reward_gate(run.reward_model, run.min_reward_accuracy, gate_pairs,
                                         split={k: getattr(run, k) for k in SPLIT_FIELDS})
     peft = peft_setup(run.peft_method, model_path, "causal-lm", mcfg, run.peft_options, total_steps=args.max_steps)
-    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
+    benchmarks = from_run(run)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)

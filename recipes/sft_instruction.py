@@ -116,7 +116,7 @@ def train(config=None) -> RunResult:
     if args.packing and args.packing_strategy == "wrapped":
         print("warning: packing_strategy wrapped lets sequences attend across their boundaries; "
               "bfd (the default) keeps them apart")
-    benchmarks = from_run(run, run.eval_batch_size)  # lm-eval tasks checked (data readable) before weights load
+    benchmarks = from_run(run)  # lm-eval tasks checked (data readable) before weights load
     out = prepare_output_dir(args, run)
     cfg.save(out / "config.yaml")
     set_cpu_threads(run.num_threads)

@@ -220,11 +220,12 @@ def metrics(rows: list[dict], base: dict, tuned: dict) -> dict:
 
 
 # ------------------------------------------------------------------ recipes
-def from_run(run, batch_size: int) -> Benchmarks | None:
+def from_run(run) -> Benchmarks | None:
     """The run's held_out_benchmarks, checked (before any model loads), or None."""
     if not getattr(run, "held_out_benchmarks", None):
         return None
-    bench = Benchmarks(list(run.held_out_benchmarks), run.benchmark_num_fewshot, run.benchmark_limit, batch_size,
+    bench = Benchmarks(list(run.held_out_benchmarks), run.benchmark_num_fewshot, run.benchmark_limit,
+                       run.benchmark_batch_size,
                        run.benchmark_include_path)
     bench.check()
     return bench
