@@ -214,7 +214,8 @@ def test_scored_logprobs_are_those_generation_sampled_from(tiny_llama):
 
 
 def test_evaluation_samples_the_policy_through_the_shared_layer():
-    """evaluation/ does not import rl/ for sampling: both use hf_tuner.policy_sampling."""
+    """evaluation/ does not import rl/: sampling and reward scoring live in hf_tuner.policy_sampling and
+    hf_tuner.reward_scoring, below both."""
     import ast
     from pathlib import Path
 
@@ -222,7 +223,8 @@ def test_evaluation_samples_the_policy_through_the_shared_layer():
 
     tree = ast.parse(Path(preference.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "hf_tuner.rl.ppo" not in imported and "hf_tuner.policy_sampling" in imported
+    assert not [m for m in imported if m.startswith("hf_tuner.rl")], imported
+    assert {"hf_tuner.policy_sampling", "hf_tuner.reward_scoring"} <= imported
 
 
 def _rl_config(tmp_path, tiny_llama, **overrides):

@@ -11,7 +11,7 @@ from hf_tuner.evaluation.tasks import PreferenceTask, RewardTask
 
 
 def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings) -> dict:
-    from hf_tuner.rl.rewards import RewardModel, pairwise_scores
+    from hf_tuner.reward_scoring import RewardModel, pairwise_scores
 
     reward = RewardModel(model, tokenizer, batch_size=settings.batch_size)
     was_training = model.training
