@@ -200,6 +200,8 @@ def split_by_group(rows: list[dict], eval_size: int | None, seed: int) -> tuple[
 def held_out(data: Loaded, eval_samples: int | None, seed: int, log=print):
     """(train rows, held-out rows): the test split (first eval_samples rows) when there is one, else a
     group-aware carve from train. Streaming without a test split: the first rows of the stream are held out."""
+    for note in data.notes:
+        log(note)
     if data.test is not None:
         n = eval_samples or AUTO_HELD_OUT_MAX
         log(f"held-out: the dataset's test split ({len(data.test)} rows, {min(n, len(data.test))} evaluated); "

@@ -37,6 +37,13 @@ def is_vader(name) -> bool:
     return name == "vader-sentiment" or (path.is_dir() and any(path.glob("*_GroundTruth.txt")))
 
 
+def _single_name(dataset) -> str | None:
+    """The dataset's name when it is one source (a name, or a list of one DataSource), else None."""
+    if isinstance(dataset, str):
+        return dataset
+    return dataset[0].name if len(dataset) == 1 else None
+
+
 def _sources(dataset):
     from hf_tuner.data.sources import DataSource
 
@@ -134,7 +141,8 @@ def load_preferences(dataset, sources: list[str] | None = None, train_pairs: int
     chosen text when there is none) are held out."""
     from hf_tuner.data.loader import held_out, load_rows
 
-    if not is_vader(dataset if isinstance(dataset, str) else dataset[0].name if len(dataset) == 1 else None):
+    name = _single_name(dataset)
+    if not is_vader(name):
         data = load_rows(_sources(dataset), preference_row, "reward_model", PREFERENCE_TYPES, PREFERENCE_COLUMNS)
         if not data.train:
             raise DataError(f"{data.label}: no preference rows")
@@ -142,7 +150,6 @@ def load_preferences(dataset, sources: list[str] | None = None, train_pairs: int
         size = eval_pairs if data.test is not None else max(1, min(eval_pairs or 500, groups // 5))
         train, held = held_out(data, size, seed)
         return train[:train_pairs] if train_pairs else train, held
-    name = dataset if isinstance(dataset, str) else dataset[0].name
     train_snippets, held_snippets = vader_snippet_split(name, sources, eval_snippets, seed)
     return (rating_pairs(train_snippets, train_pairs, min_gap, seed),
             rating_pairs(held_snippets, eval_pairs or 500, min_gap, seed + 1))
@@ -160,7 +167,7 @@ def rl_prompts(dataset, sources: list[str] | None, eval_snippets: int, seed: int
     whole prompts."""
     from hf_tuner.data.loader import held_out, load_rows
 
-    name = dataset if isinstance(dataset, str) else dataset[0].name if len(dataset) == 1 else None
+    name = _single_name(dataset)
     if not is_vader(name):
         data = load_rows(_sources(dataset), prompt_row, "ppo_rlhf", {"prompt_only": "prompt"},
                          ("prompt", "group", "where"))

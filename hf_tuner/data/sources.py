@@ -114,7 +114,7 @@ def _load_folder(path: Path, src: DataSource) -> dict:
 
 
 def open_splits(src: DataSource) -> dict:
-    """{split: Dataset | IterableDataset} of one source (asset sources: see hf_tuner.data.assets_as_dataset)."""
+    """{split: Dataset | IterableDataset} of one source (the bundled ones: hf_tuner.data.builtin)."""
     from hf_tuner.data.builtin import BUILTIN, builtin_splits
 
     if src.name in BUILTIN:

@@ -94,6 +94,7 @@ class Benchmarks:
     batch_size: int = 16
     include_path: str | None = None  # extra task YAMLs (the local ones are added when needed)
     tasks: list[str] = field(default_factory=list)
+    _manager: object = field(default=None, repr=False)  # built once: check, base and tuned share it
 
     def __post_init__(self):
         self.tasks = expand(self.names)
@@ -101,6 +102,11 @@ class Benchmarks:
             self.limit = QUICK_LIMIT
 
     def task_manager(self):
+        if self._manager is None:
+            self._manager = self._build_task_manager()
+        return self._manager
+
+    def _build_task_manager(self):
         import tempfile
 
         from lm_eval.tasks import TaskManager
@@ -268,5 +274,5 @@ def evaluate_benchmarks(model: str, adapter: str | None, names: list[str], outpu
     shots = f"{num_fewshot}-shot" + (f", first {bench.limit} items per task" if bench.limit else "")
     (out / "report.md").write_text(f"# Benchmarks: {model}{' + ' + adapter if adapter else ''}\n\n{shots}, "
                                    f"{result['seconds']:.0f} s (lm-evaluation-harness)\n\n{table}\n")
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return table
