@@ -15,6 +15,7 @@ TASK_CLASSES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "classification": "AutoModelForSequenceClassification",
     "masked-lm": "AutoModelForMaskedLM",
+    "encoder": "AutoModel",  # the bare backbone, no head: sentence embeddings, our own multi-task heads
 }
 
 
@@ -104,6 +105,29 @@ def evaluation_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def load_pretrained(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
+                    revision: str | None = None, **kwargs):
+    """The model for `task` (one of TASK_CLASSES), weights only, where it loads (no device move, no tokenizer).
+
+    Model loads go through here (load_model, load_encoder, MultiTaskModel.from_pretrained), so each gets the
+    same checks and settings: the source checked (check_model_source: pickle-only folders refused, offline Hub
+    ids cached), the config's trust_remote_code, safetensors only unless allow_pickle_weights, and full
+    weights under ZeRO-3.
+    output_loading_info=True returns (model, info)."""
+    import transformers
+
+    if task not in TASK_CLASSES:
+        raise ValueError(f"unknown task {task!r}; known: {list(TASK_CLASSES)}")
+    path = check_model_source(str(name_or_path))
+    if isinstance(dtype, str) and dtype not in ("auto",):
+        dtype = getattr(torch, dtype)
+    kwargs.setdefault("trust_remote_code", TRUST_REMOTE_CODE)
+    kwargs.setdefault("use_safetensors", None if ALLOW_PICKLE else True)
+    with without_zero3_init():
+        return getattr(transformers, TASK_CLASSES[task]).from_pretrained(path, dtype=dtype, revision=revision,
+                                                                         **kwargs)
+
+
 def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",
                revision: str | None = None, attn_implementation: str | None = None, quantization_config=None,
                gradient_checkpointing: bool = False, **kwargs):
@@ -116,21 +140,10 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     output_loading_info=True returns (model, tokenizer, info) as well, info["missing_keys"] naming the
     weights the checkpoint lacked and that start fresh (a new classification head, an untrained MLM head).
     """
-    import transformers
-
-    if task not in TASK_CLASSES:
-        raise ValueError(f"unknown task {task!r}; known: {list(TASK_CLASSES)}")
-    path = check_model_source(name_or_path)
-    if isinstance(dtype, str) and dtype not in ("auto",):
-        dtype = getattr(torch, dtype)
-    auto_cls = getattr(transformers, TASK_CLASSES[task])
     with_info = kwargs.pop("output_loading_info", False)
-    kwargs.setdefault("trust_remote_code", TRUST_REMOTE_CODE)
-    kwargs.setdefault("use_safetensors", None if ALLOW_PICKLE else True)
-    with without_zero3_init():
-        model, info = auto_cls.from_pretrained(path, dtype=dtype, revision=revision, output_loading_info=True,
-                                               attn_implementation=attn_implementation,
-                                               quantization_config=quantization_config, **kwargs)
+    model, info = load_pretrained(name_or_path, task, dtype=dtype, revision=revision, output_loading_info=True,
+                                  attn_implementation=attn_implementation, quantization_config=quantization_config,
+                                  **kwargs)
     if quantization_config is None and kwargs.get("device_map") is None:
         model = model.to(evaluation_device())
     if quantization_config is not None:
@@ -141,6 +154,13 @@ def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dt
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return (model, tokenizer, info) if with_info else (model, tokenizer)
+
+
+def load_encoder(name_or_path: str, revision: str | None = None, dtype: str | torch.dtype | None = "float32",
+                 **kwargs):
+    """(model, tokenizer): the bare encoder (AutoModel, no head) of a sentence-embedding or multi-task model,
+    loaded as load_model loads every other task. kwargs reach from_pretrained (add_pooling_layer=False, ...)."""
+    return load_model(name_or_path, "encoder", dtype=dtype, revision=revision, **kwargs)
 
 
 def load_seq2seq_model(name_or_path: str, dtype: str | torch.dtype | None = "float32", revision: str | None = None,
@@ -154,7 +174,7 @@ def load_seq2seq_model(name_or_path: str, dtype: str | torch.dtype | None = "flo
     from transformers import AutoConfig, EncoderDecoderModel
 
     path = check_model_source(name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=revision)
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=TRUST_REMOTE_CODE)
     if config.is_encoder_decoder:
         model, tokenizer = load_model(name_or_path, "seq2seq", dtype=dtype, revision=revision,
                                       quantization_config=quantization_config)
@@ -162,7 +182,10 @@ def load_seq2seq_model(name_or_path: str, dtype: str | torch.dtype | None = "flo
     tokenizer = load_tokenizer(name_or_path, revision=revision)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, encoder_dtype=dtype, decoder_dtype=dtype)
+    safe = {f"{side}_{k}": v for side in ("encoder", "decoder")
+            for k, v in (("use_safetensors", None if ALLOW_PICKLE else True), ("trust_remote_code", TRUST_REMOTE_CODE))}
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path, encoder_dtype=dtype, decoder_dtype=dtype,
+                                                                **safe)
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
     end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
     if start is None or end is None or tokenizer.pad_token_id is None:

@@ -56,13 +56,11 @@ class MultiTaskModel(nn.Module):
 
     @classmethod
     def from_encoder(cls, name_or_path: str, tasks: list[TaskSpec], **kwargs):
-        """(model, tokenizer): a pretrained encoder with fresh heads."""
-        from transformers import AutoModel
+        """(model, tokenizer): a pretrained encoder with fresh heads, beside it on its device."""
+        from hf_tuner.models import load_encoder
 
-        from hf_tuner.models import check_model_source, load_tokenizer
-
-        encoder = AutoModel.from_pretrained(check_model_source(name_or_path), add_pooling_layer=False, **kwargs)
-        return cls(encoder, tasks), load_tokenizer(name_or_path)
+        encoder, tokenizer = load_encoder(name_or_path, add_pooling_layer=False, **kwargs)
+        return cls(encoder, tasks).to(encoder.device), tokenizer
 
     def pooled(self, input_ids, attention_mask=None, token_type_ids=None):
         """Mean of the token states over the attention mask (the sentence-transformers pooling of MiniLM)."""
@@ -132,13 +130,14 @@ class MultiTaskModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MultiTaskModel":
         from safetensors.torch import load_file
-        from transformers import AutoModel
+
+        from hf_tuner.models import load_pretrained
 
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (not a multi-task model folder)")
         meta = json.loads((path / CONFIG_FILE).read_text())
-        model = cls(AutoModel.from_pretrained(path / "encoder", add_pooling_layer=False),
+        model = cls(load_pretrained(str(path / "encoder"), "encoder", add_pooling_layer=False),
                     [TaskSpec(**t) for t in meta["tasks"]], dropout=meta["dropout"])
         model.heads.load_state_dict(load_file(str(path / HEADS_FILE)))
         return model.eval()

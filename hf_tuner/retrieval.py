@@ -75,12 +75,10 @@ class PassageIndex:
 
 def load_encoder(name_or_path: str):
     """(AutoModel, tokenizer) of a sentence encoder: an asset, a folder (a contrastive run's model/) or a Hub id."""
-    from transformers import AutoModel
+    from hf_tuner import models
 
-    from hf_tuner.models import check_model_source, load_tokenizer
-
-    model = AutoModel.from_pretrained(check_model_source(name_or_path), use_safetensors=True)
-    return model.eval(), load_tokenizer(name_or_path)
+    model, tokenizer = models.load_encoder(name_or_path)
+    return model.eval(), tokenizer
 
 
 def words(text: str) -> list[str]:

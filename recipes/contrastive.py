@@ -87,14 +87,14 @@ def _data(cfg):
 def train(config=None) -> RunResult:
     """Run the recipe. `config`: a YAML path, a dict of fields, argv (list), or None for sys.argv."""
     from datasets import Dataset
-    from transformers import AutoModel, set_seed
+    from transformers import set_seed
 
     from hf_tuner.checkpoints import train_resumable
     from hf_tuner.contrastive import ContrastiveTrainer, PairCollator, evaluate_retrieval
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation.report import write_run_record
-    from hf_tuner.models import check_model_source, load_tokenizer
+    from hf_tuner.models import check_model_source, load_encoder
     from hf_tuner.validation import check_batch
 
     # 1. config and data, checked before anything loads
@@ -102,7 +102,7 @@ def train(config=None) -> RunResult:
     run, args, mcfg = cfg.run, cfg.training, cfg.model
     if not mcfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (an asset such as minilm-l6, a folder or a Hub id)")
-    model_path = check_model_source(mcfg.model_name_or_path)
+    check_model_source(mcfg.model_name_or_path)
     train_rows, held_rows = _data(cfg)
     check_batch(len(train_rows), args, cfg.script.dataset_name or "wordnet-definitions")
     args.remove_unused_columns = False  # the collator tokenizes the raw query/passage text
@@ -112,8 +112,7 @@ def train(config=None) -> RunResult:
     set_seed(args.seed)
 
     # 2. load the bare encoder: the embedding is its mean-pooled last hidden state
-    model = AutoModel.from_pretrained(model_path, revision=mcfg.model_revision, use_safetensors=True)
-    tokenizer = load_tokenizer(mcfg.model_name_or_path, revision=mcfg.model_revision)
+    model, tokenizer = load_encoder(mcfg.model_name_or_path, revision=mcfg.model_revision)
 
     # 3. evaluate the base encoder: every held-out query against every held-out passage
     results = {"base": evaluate_retrieval(model, tokenizer, held_rows, run.eval_batch_size, run.max_length)}

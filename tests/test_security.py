@@ -131,3 +131,115 @@ def test_network_is_blocked_in_tests_and_their_subprocesses():
                           timeout=60)
     assert "blocked in tests: connect" in proc.stdout and "blocked in tests: resolve 'example.com'" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- every encoder load goes through hf_tuner.models
+# recipes/contrastive.py, hf_tuner/multitask.py (both ways in) and hf_tuner/retrieval.py load a bare AutoModel.
+# Each must refuse what models.load_model refuses and honour trust_remote_code, as load_model does.
+class _Loaded(Exception):
+    """Raised where the contrastive recipe would start its base evaluation: the encoder has loaded."""
+
+    def __init__(self, model):
+        super().__init__("loaded")
+        self.model = model
+
+
+@pytest.fixture(scope="module")
+def tiny_bert() -> str:
+    from hf_tuner import assets
+
+    return assets.resolve("tiny-bert")
+
+
+def _load_contrastive(folder: Path, tmp_path: Path, monkeypatch, trust: bool):
+    import hf_tuner.contrastive
+    from recipes import contrastive
+
+    def stop(model, *args, **kwargs):
+        raise _Loaded(model)
+
+    monkeypatch.setattr(hf_tuner.contrastive, "evaluate_retrieval", stop)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"query": w, "passage": f"the word {w}"} for w in WORDS[:12]])
+    try:
+        contrastive.train({"model_name_or_path": str(folder), "dataset_name": str(pairs), "eval_samples": 4,
+                           "per_device_train_batch_size": 4, "max_steps": 1, "save_strategy": "no", "report_to": [],
+                           "output_dir": str(tmp_path / f"run-{trust}"), "trust_remote_code": trust})
+    except _Loaded as loaded:
+        return loaded.model
+    raise AssertionError("the contrastive recipe never reached its base evaluation")
+
+
+def _load_multitask_encoder(folder: Path, tmp_path: Path, monkeypatch, trust: bool):
+    from hf_tuner.multitask import MultiTaskModel, TaskSpec
+
+    models.configure_loading(trust_remote_code=trust)
+    model, _ = MultiTaskModel.from_encoder(str(folder), [TaskSpec("sentiment", "classification", ["neg", "pos"])])
+    return model.encoder
+
+
+def _load_multitask_saved(folder: Path, tmp_path: Path, monkeypatch, trust: bool):
+    """A saved multi-task model folder whose encoder/ is `folder` (heads and multitask.json written beside it)."""
+    from safetensors.torch import save_file
+
+    from hf_tuner.multitask import CONFIG_FILE, HEADS_FILE, MultiTaskModel
+
+    saved = tmp_path / f"multitask-{trust}"
+    saved.mkdir()
+    shutil.copytree(folder, saved / "encoder")
+    hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
+    save_file({"sentiment.weight": torch.zeros(2, hidden), "sentiment.bias": torch.zeros(2)}, str(saved / HEADS_FILE))
+    (saved / CONFIG_FILE).write_text(json.dumps({"tasks": [{"name": "sentiment", "kind": "classification",
+                                                            "labels": ["neg", "pos"]}], "dropout": 0.0}))
+    models.configure_loading(trust_remote_code=trust)
+    return MultiTaskModel.from_pretrained(saved).encoder
+
+
+def _load_retriever(folder: Path, tmp_path: Path, monkeypatch, trust: bool):
+    from hf_tuner.retrieval import load_encoder
+
+    models.configure_loading(trust_remote_code=trust)
+    return load_encoder(str(folder))[0]
+
+
+ENCODER_LOADS = {"contrastive recipe": _load_contrastive, "MultiTaskModel.from_encoder": _load_multitask_encoder,
+                 "MultiTaskModel.from_pretrained": _load_multitask_saved, "retrieval.load_encoder": _load_retriever}
+
+
+@pytest.mark.parametrize("load", ENCODER_LOADS.values(), ids=ENCODER_LOADS.keys())
+def test_encoder_loads_refuse_pickle_only_checkpoints(tmp_path, tiny_bert, monkeypatch, load):
+    folder = _copy(tiny_bert, tmp_path / "pickled")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(AssetError, match=r"holds only pickle weights \(pytorch_model.bin\)"):
+        load(folder, tmp_path, monkeypatch, False)
+
+
+@pytest.mark.parametrize("load", ENCODER_LOADS.values(), ids=ENCODER_LOADS.keys())
+def test_encoder_loads_read_safetensors_only(tmp_path, tiny_bert, monkeypatch, load):
+    """A stray .safetensors file gets a folder past the pickle-only check; the weights must still not come from
+    the pickle beside it (use_safetensors=True unless allow_pickle_weights)."""
+    folder = _copy(tiny_bert, tmp_path / "mixed")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").rename(folder / "unrelated.safetensors")
+    with pytest.raises(OSError, match=r"no file named model\.safetensors found"):
+        load(folder, tmp_path, monkeypatch, False)
+
+
+@pytest.mark.parametrize("load", ENCODER_LOADS.values(), ids=ENCODER_LOADS.keys())
+def test_encoder_loads_follow_trust_remote_code(tmp_path, tiny_bert, monkeypatch, load):
+    # a name of its own per case: transformers caches a checkpoint's code as a module named after its folder
+    folder = _copy(tiny_bert, tmp_path / f"remote_{load.__name__.strip('_')}")
+    marker = tmp_path / "remote-code-ran"
+    (folder / "modeling_evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import BertModel\n\nclass EvilModel(BertModel):\n    pass\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    for name in ("off", "on"):
+        (tmp_path / name).mkdir()
+    off = load(folder, tmp_path / "off", monkeypatch, False)
+    assert type(off).__name__ == "BertModel" and not marker.exists(), "remote code ran with trust_remote_code off"
+    on = load(folder, tmp_path / "on", monkeypatch, True)
+    assert type(on).__name__ == "EvilModel" and marker.exists(), "trust_remote_code: true did not reach the load"
