@@ -1,7 +1,11 @@
-"""Decoding presets and batched, left-padded generation with the KV cache."""
+"""Decoding presets and batched generation: a greedy loop with a shared-prefix KV cache, or `model.generate`."""
 
 from __future__ import annotations
 
+import copy
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,13 @@ DECODING_PRESETS: dict[str, dict] = {
     "top_k": {"do_sample": True, "top_k": 50, "top_p": 1.0},
     "top_p": {"do_sample": True, "top_p": 0.9, "top_k": 0},
 }
+# Generation-config fields that change what greedy decoding picks. A checkpoint that sets any of them is
+# decoded by `model.generate`, which applies them; the fast greedy loop below applies none.
+_GREEDY_CHANGERS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+                    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                    "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+                    "stop_strings": None, "watermarking_config": None}
 
 
 @dataclass
@@ -22,6 +33,8 @@ class DecodingSettings:
     max_new_tokens: int = 48
     batch_size: int = 16
     seed: int = 0
+    # greedy only: hf-tuner's loop (shared-prefix cache, finished rows dropped); False: `model.generate`
+    fast_greedy: bool = True
 
     def generate_kwargs(self) -> dict:
         if self.strategy not in DECODING_PRESETS:
@@ -33,11 +46,92 @@ def is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def _fast_greedy_blocker(model, settings: DecodingSettings) -> str | None:
+    """Why the fast greedy loop cannot stand in for `model.generate` here, or None when it can."""
+    if not settings.fast_greedy or settings.strategy != "greedy":
+        return "not greedy"
+    if is_encoder_decoder(model):
+        return "an encoder-decoder"
+    if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        return "prompt learning (virtual tokens)"
+    config = getattr(model, "generation_config", None)
+    for field, default in _GREEDY_CHANGERS.items():
+        value = getattr(config, field, default)
+        if value not in (default, None):
+            return f"generation_config.{field}={value!r}"
+    return None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a response: the generation config's (one or a list), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set([eos] if isinstance(eos, int) else list(eos or []))
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the key/value cache: `cache` in transformers 5.24, `past_key_values` in
+    older releases and in remote-code models (which would silently drop an argument they do not name)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _common_prefix(encoded: list[list[int]]) -> int:
+    """Tokens every prompt starts with, keeping at least one token of each prompt to prefill."""
+    first, n = encoded[0], min(len(e) for e in encoded) - 1
+    for e in encoded[1:]:
+        k = 0
+        while k < n and e[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _adapter_merged_or_disabled(model) -> bool:
+    """Already merged, or inside `disable_adapter()` (the base model is wanted): nothing to merge."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+    return layer is None or layer.merged or layer.disable_adapters
+
+
+@contextmanager
+def merged_adapter(model):
+    """Run a LoRA-family PeftModel with its adapter merged into the base weights (PEFT's merge_adapter), and
+    unmerge afterwards. Generation then runs one matmul per layer instead of three; the base weights come back
+    within rounding (W + BA - BA). Quantized, sharded and prompt-learning models are left as they are."""
+    tuner = getattr(model, "base_model", None)
+    can = (hasattr(tuner, "merge_adapter") and hasattr(model, "active_peft_config")
+           and not model.active_peft_config.is_prompt_learning
+           and not getattr(model, "is_quantized", False)
+           and not getattr(getattr(model, "config", None), "quantization_config", None)
+           and not any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
+           and not _adapter_merged_or_disabled(model))
+    if not can:
+        yield model
+        return
+    try:
+        tuner.merge_adapter()
+    except ValueError as e:  # PEFT refuses some layouts (e.g. an adapter on tied embeddings): run unmerged
+        print(f"note: evaluating with the adapter unmerged: {e}".split("\n")[0], file=sys.stderr)
+        yield model
+        return
+    try:
+        yield model
+    finally:
+        tuner.unmerge_adapter()
+
+
 @torch.no_grad()
 def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSettings, desc: str = "generate"):
     """Generate a completion for every prompt (already templated text); returns texts in input order.
 
-    Prompts are sorted by length so each left-padded batch wastes little compute on padding.
+    Prompts are sorted by length so each batch wastes little compute on padding. Greedy decoding of a
+    decoder-only model runs `greedy_batched` (same tokens as `model.generate`, faster); anything else runs
+    `model.generate` with the preset.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -45,31 +139,111 @@ def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSet
     seq2seq = is_encoder_decoder(model)
     # A decoder-only prompt is already templated text; an encoder takes its usual special tokens.
     encoded = [tokenizer(p, add_special_tokens=seq2seq)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
+    try:
+        with merged_adapter(model):
+            if _fast_greedy_blocker(model, settings) is None and encoded:
+                new_tokens = greedy_batched(model, encoded, settings, _eos_ids(model, tokenizer), pad_id, desc)
+            else:
+                new_tokens = _generate(model, encoded, settings, pad_id, seq2seq, desc)
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
+
+
+def _generate(model, encoded, settings, pad_id, seq2seq, desc):
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list = [None] * len(encoded)
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)  # sampled strategies repeat for a fixed seed
     kwargs = settings.generate_kwargs()
-    try:
-        for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[start:start + settings.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                # Decoder-only: left padding, so generation continues from the last real token. Encoder-decoder:
-                # right padding, as in training (BERT-style encoders use absolute positions from the left).
-                begin = 0 if seq2seq else width - len(ids)
-                input_ids[row, begin:begin + len(ids)] = torch.tensor(ids)
-                attention[row, begin:begin + len(ids)] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 pad_token_id=pad_id, **kwargs)
-            new_tokens = out if seq2seq else out[:, width:]  # an encoder-decoder returns decoder tokens only
-            for row, i in enumerate(idx):
-                outputs[i] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
+    for start in tqdm(range(0, len(order), settings.batch_size), desc=desc, unit="batch", leave=False):
+        idx = order[start:start + settings.batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            # Decoder-only: left padding, so generation continues from the last real token. Encoder-decoder:
+            # right padding, as in training (BERT-style encoders use absolute positions from the left).
+            begin = 0 if seq2seq else width - len(ids)
+            input_ids[row, begin:begin + len(ids)] = torch.tensor(ids)
+            attention[row, begin:begin + len(ids)] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                             pad_token_id=pad_id, **kwargs)
+        new_tokens = out if seq2seq else out[:, width:]  # an encoder-decoder returns decoder tokens only
+        for row, i in enumerate(idx):
+            outputs[i] = new_tokens[row].tolist()
+    return outputs
+
+
+@torch.no_grad()
+def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, eos_ids: set[int], pad_id: int,
+                   desc: str = "generate") -> list[list[int]]:
+    """Greedy decoding of token-id prompts with a decoder-only model: the new token ids of each, in input order.
+
+    Written here because `model.generate` offers neither of the two things that make it fast:
+    - the prompts' common prefix (chat template, system prompt, few-shot turns) is run once, and its key/value
+      cache is copied into every batch; each row's own tokens follow it after the padding, with position ids
+      that continue the prefix, so every real token sees what it sees in the full left-padded prompt;
+    - a row that has ended (an EOS id or max_new_tokens) leaves the batch, with its cache rows.
+    The arithmetic is the same as `model.generate`'s greedy search, so the tokens agree with it (rounding can
+    differ with the batch shapes; benchmarks/bench_generation.py counts the outputs that differ).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache_arg = _cache_kwarg(model)
+    n_prefix = _common_prefix(encoded)
+    prefix_cache = None
+    if n_prefix:
+        prefix_cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([encoded[0][:n_prefix]], device=device), use_cache=True, logits_to_keep=1,
+              **{cache_arg: prefix_cache})
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[list[int]] = [[] for _ in encoded]
+    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
+    bar = tqdm(total=len(encoded), desc=desc, unit="prompt", leave=False)
+    start_time, produced = time.perf_counter(), 0
+    for start in range(0, len(order), settings.batch_size):
+        idx = order[start:start + settings.batch_size]
+        suffixes = [encoded[i][n_prefix:] for i in idx]
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), n_prefix + width), dtype=torch.long)
+        attention[:, :n_prefix] = 1
+        positions = torch.ones((len(idx), width), dtype=torch.long)  # padding: any position, it is masked
+        for row, ids in enumerate(suffixes):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, n_prefix + width - len(ids):] = 1
+            positions[row, width - len(ids):] = torch.arange(n_prefix, n_prefix + len(ids))
+        cache = DynamicCache(config=model.config)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
+        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        alive = list(idx)  # prompt index of each row still in the batch
+        for step in range(settings.max_new_tokens):
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+            next_ids = logits.argmax(-1)
+            for row, token in zip(alive, next_ids.tolist()):
+                outputs[row].append(token)
+            produced += len(alive)
+            done = torch.isin(next_ids, eos)
+            if step == settings.max_new_tokens - 1 or bool(done.all()):
+                bar.update(len(alive))
+                break
+            if bool(done.any()):  # finished rows leave the batch, with their cache rows
+                keep = (~done).nonzero().squeeze(-1)
+                bar.update(len(alive) - len(keep))
+                alive = [alive[k] for k in keep.tolist()]
+                cache.batch_select_indices(keep)
+                next_ids, attention, positions = next_ids[keep], attention[keep], positions[keep]
+            input_ids = next_ids[:, None]
+            attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+        bar.set_postfix_str(f"{produced / (time.perf_counter() - start_time):.0f} tok/s", refresh=False)
+    bar.close()
     return outputs

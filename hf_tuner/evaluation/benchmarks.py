@@ -150,14 +150,18 @@ class Benchmarks:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
+        from hf_tuner.generation import merged_adapter
+
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-            result = simple_evaluate(model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot, limit=self.limit,
-                                     task_manager=self.task_manager(), log_samples=True, random_seed=0,
-                                     numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            with merged_adapter(model):  # a LoRA-family adapter scored merged: one matmul per layer
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+                result = simple_evaluate(model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot,
+                                         limit=self.limit, task_manager=self.task_manager(), log_samples=True,
+                                         random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                         fewshot_random_seed=0)
         finally:
             model.train(was_training)
         tasks = {}

@@ -12,7 +12,7 @@ from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_
 from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
 from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
                                      RegressionTask, RewardTask)
-from hf_tuner.generation import DecodingSettings, generate_batched, is_encoder_decoder
+from hf_tuner.generation import DecodingSettings, generate_batched, is_encoder_decoder, merged_adapter
 
 
 def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
@@ -169,15 +169,13 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
     """
     settings = settings or DecodingSettings()
     start = time.perf_counter()
-    if isinstance(task, ClassificationTask):
-        result = _evaluate_classification(model, tokenizer, task, settings)
-    elif isinstance(task, GenerationTask):
-        result = _evaluate_generation(model, tokenizer, task, settings)
-    elif isinstance(task, RegressionTask):
-        result = _evaluate_regression(model, tokenizer, task, settings)
-    elif isinstance(task, LanguageModelingTask):
-        result = _evaluate_language_modeling(model, tokenizer, task, settings)
-    elif isinstance(task, PreferenceTask):
+    scorers = {ClassificationTask: _evaluate_classification, GenerationTask: _evaluate_generation,
+               RegressionTask: _evaluate_regression, LanguageModelingTask: _evaluate_language_modeling}
+    scorer = next((f for cls, f in scorers.items() if isinstance(task, cls)), None)
+    if scorer is not None:  # a LoRA-family adapter is merged for the evaluation (one matmul per layer)
+        with merged_adapter(model):
+            result = scorer(model, tokenizer, task, settings)
+    elif isinstance(task, PreferenceTask):  # these compare with the adapter disabled: left unmerged
         result = evaluate_preferences(model, tokenizer, task, settings)
     elif isinstance(task, RewardTask):
         result = evaluate_policy(model, tokenizer, task, settings)

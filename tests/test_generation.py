@@ -1,0 +1,165 @@
+"""The fast greedy loop (shared-prefix cache, finished rows dropped) against `model.generate`, and the merged adapter."""
+
+import collections
+
+import pytest
+import torch
+
+from hf_tuner.generation import (DecodingSettings, _common_prefix, _fast_greedy_blocker, generate_batched,
+                                 greedy_batched, merged_adapter)
+from hf_tuner.models import load_model
+
+WORDS = ["apple", "river stone", "a cloud over the hill", "tiger", "lamp and bread on the table", "chair",
+         "glass of water in the morning light", "music", "paper", "forest path"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_llama):
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny-llama")
+    with torch.no_grad():  # wider weights than the default init, so greedy outputs vary from token to token
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval(), tokenizer
+
+
+def _prompts(tokenizer, shots: int = 0):
+    turns = []
+    for w in WORDS[:shots]:
+        turns += [{"role": "user", "content": f"Define {w}"}, {"role": "assistant", "content": f"a {w}"}]
+    return [tokenizer.apply_chat_template(turns + [{"role": "user", "content": f"Define {w}"}], tokenize=False,
+                                          add_generation_prompt=True) for w in WORDS]
+
+
+def _reference(model, tokenizer, prompts, batch_size, eos_ids, max_new_tokens):
+    """`model.generate` on left-padded batches of the same length-sorted order: the new token ids up to the EOS."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)[:, width:]
+        for row, i in enumerate(idx):
+            tokens = gen[row].tolist()
+            ends = [k for k, t in enumerate(tokens) if t in eos_ids]
+            out[i] = tokens[:ends[0] + 1] if ends else tokens
+    return encoded, out
+
+
+@pytest.mark.parametrize("shots,batch_size", [(0, 4), (2, 3), (2, 16)])
+def test_fast_greedy_gives_generate_s_tokens_with_rows_ending_at_different_steps(model_and_tokenizer, shots,
+                                                                                 batch_size):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, shots)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert _common_prefix(encoded) > 3  # the chat template (and the shots) are shared: the prefix path runs
+    # EOS ids chosen from what the model emits, so rows end at different steps and leave the batch early
+    _, free = _reference(model, tokenizer, prompts, batch_size, set(), 12)
+    counts = collections.Counter(t for row in free for t in row[2:8])
+    eos_ids = {counts.most_common(2)[-1][0]}
+    encoded, expected = _reference(model, tokenizer, prompts, batch_size, eos_ids, 12)
+    lengths = {len(e) for e in expected}
+    assert len(lengths) > 1 and min(lengths) < 12  # some rows do end early, at different steps
+    got = greedy_batched(model, encoded, DecodingSettings(max_new_tokens=12, batch_size=batch_size), eos_ids,
+                         tokenizer.pad_token_id)
+    assert got == expected
+
+
+def test_the_fast_loop_agrees_with_generate_through_generate_batched(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 1)
+    fast = generate_batched(model, tokenizer, prompts, DecodingSettings(max_new_tokens=10, batch_size=4))
+    slow = generate_batched(model, tokenizer, prompts, DecodingSettings(max_new_tokens=10, batch_size=4,
+                                                                        fast_greedy=False))
+    assert fast == slow and len(set(fast)) > 1
+
+
+def test_a_checkpoint_setting_that_changes_greedy_picks_goes_through_generate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer)
+    settings = DecodingSettings(max_new_tokens=10, batch_size=4)
+    plain = generate_batched(model, tokenizer, prompts, settings)
+    model.generation_config.repetition_penalty = 3.0
+    try:
+        assert _fast_greedy_blocker(model, settings) == "generation_config.repetition_penalty=3.0"
+        penalised = generate_batched(model, tokenizer, prompts, settings)
+        via_generate = generate_batched(model, tokenizer, prompts, DecodingSettings(max_new_tokens=10, batch_size=4,
+                                                                                    fast_greedy=False))
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    assert penalised == via_generate and penalised != plain
+    assert _fast_greedy_blocker(model, DecodingSettings(strategy="top_p")) == "not greedy"
+
+
+def test_common_prefix_leaves_every_prompt_a_token_to_prefill():
+    assert _common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert _common_prefix([[7, 2], [1, 2]]) == 0
+
+
+def _lora_model(tiny_llama, **config):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model("tiny-llama")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False, **config))
+    return peft.eval(), tokenizer
+
+
+def test_merged_adapter_gives_the_adapter_s_outputs_and_restores_the_weights(tiny_llama):
+    model, tokenizer = _lora_model(tiny_llama)
+    base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    ids = tokenizer(_prompts(tokenizer)[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        unmerged = model(**ids).logits
+        with merged_adapter(model) as m:
+            layer = m.base_model.model.model.layers[0].self_attn.q_proj
+            assert layer.merged  # the adapter is in the base weights ...
+            assert not torch.equal(layer.base_layer.weight, base_weight)
+            merged = m(**ids).logits
+        with model.disable_adapter():
+            base = model(**ids).logits
+    assert not torch.allclose(unmerged, base, atol=1e-3)  # the random adapter changes the outputs
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    assert not layer.merged  # ... and comes out again, within rounding
+    torch.testing.assert_close(layer.base_layer.weight, base_weight, atol=1e-6, rtol=0)
+
+
+def test_merged_adapter_leaves_a_disabled_adapter_and_prompt_learning_alone(tiny_llama):
+    model, _ = _lora_model(tiny_llama)
+    with model.disable_adapter(), merged_adapter(model):
+        assert not model.base_model.model.model.layers[0].self_attn.q_proj.merged
+    from peft import PromptTuningConfig, get_peft_model
+
+    base, _ = load_model("tiny-llama")
+    prompt = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with merged_adapter(prompt) as m:
+        assert m is prompt
+    assert _fast_greedy_blocker(prompt, DecodingSettings()) == "prompt learning (virtual tokens)"
+
+
+def test_generation_with_a_lora_adapter_is_merged_and_agrees_with_the_unmerged_adapter(tiny_llama, monkeypatch):
+    model, tokenizer = _lora_model(tiny_llama)
+    prompts = _prompts(tokenizer)
+    settings = DecodingSettings(max_new_tokens=8, batch_size=4)
+    merges = []
+    original = type(model.base_model).merge_adapter
+    monkeypatch.setattr(type(model.base_model), "merge_adapter",
+                        lambda self, *a, **k: (merges.append(1), original(self, *a, **k))[1])
+    merged = generate_batched(model, tokenizer, prompts, settings)
+    assert merges  # the adapter was merged for generation
+    monkeypatch.setattr(type(model.base_model), "merge_adapter", original)
+    with torch.no_grad():  # unmerged reference: the fast loop is exact, so only merging could change a token
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        eos = {tokenizer.eos_token_id}
+        unmerged = [tokenizer.decode(t, skip_special_tokens=True).strip()
+                    for t in greedy_batched(model, encoded, settings, eos, tokenizer.pad_token_id)]
+    assert merged == unmerged
