@@ -53,6 +53,33 @@ _TRL_LORA_FIELDS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "
 from hf_tuner.errors import PeftMethodError  # noqa: E402,F401 - re-exported
 
 
+# Option values PEFT takes without a word and fails on later, in the model (`r` 0 fails while the adapter is
+# built, which check_peft_fits reported as a misfit of the model), or never (lora_alpha 0 scales the update
+# to nothing, so nothing trains). Checked with the user's key in the message, before anything loads.
+_WHOLE_POSITIVE = ("r", "init_r", "target_r", "num_virtual_tokens", "encoder_hidden_size", "encoder_num_layers",
+                   "adapter_len", "adapter_layers")
+_POSITIVE = ("lora_alpha", "alpha")
+_PROBABILITY = ("lora_dropout", "module_dropout", "rank_dropout", "encoder_dropout", "vera_dropout")
+
+
+def check_option_values(options: dict, keys: dict | None = None) -> None:
+    """Refuse adapter option values that cannot train; `keys` maps an option to the config key that set it
+    (lora_r for r, peft_options.r, ...), which the message names."""
+    keys = keys or {}
+    for name, value in options.items():
+        key = keys.get(name, f"peft_options.{name}")
+        if name in _WHOLE_POSITIVE and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise PeftMethodError(f"{key}: must be a whole number of at least 1, got {value!r}")
+        if name in _POSITIVE and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise PeftMethodError(f"{key}: must be positive, got {value!r} (the update is scaled by {name} / r: 0 "
+                                  "trains nothing, a negative value turns it around)")
+        if name in _PROBABILITY and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+            raise PeftMethodError(f"{key}: a dropout probability, from 0 up to (not including) 1; got {value!r}")
+
+
 def _config_class(method: str):
     import peft
 
@@ -87,10 +114,13 @@ def build_peft_config(method: str, task_type: str = "CAUSAL_LM", model_config=No
     if unknown:
         raise PeftMethodError(f"peft_method {method!r} ({cls.__name__}) has no option(s) {unknown}; "
                               f"valid: {', '.join(sorted(valid - {'task_type', 'peft_type'}))}")
-    return cls(task_type=task_type, **params)
+    try:
+        return cls(task_type=task_type, **params)
+    except (ValueError, TypeError) as e:  # the config's own checks (__post_init__) name its option, not the model
+        raise PeftMethodError(f"peft_method {method!r} ({cls.__name__}): {e}") from e
 
 
-def check_peft_fits(method: str, peft_config, model_path: str, task: str) -> None:
+def check_peft_fits(method: str, peft_config, model_path: str, task: str, keys: dict | None = None) -> None:
     """Build the method on a weightless skeleton of the model, so a misfit fails before any weights load.
 
     PEFT's own checks run (GPT-2's Conv1D refuses LoHa/LoKr; LLaMA-Adapter wants a supported decoder), on
@@ -110,7 +140,10 @@ def check_peft_fits(method: str, peft_config, model_path: str, task: str) -> Non
             skeleton = getattr(transformers, TASK_CLASSES[task]).from_config(config)
         get_peft_model(skeleton, copy.deepcopy(peft_config))
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:
-        raise PeftMethodError(f"peft_method {method!r} does not fit {config.model_type} ({task}): {e}") from e
+        said = str(e).lower().replace("_", " ")  # "Target modules ... not found": name the key that set them
+        named = [key for option, key in (keys or {}).items() if len(option) > 2 and option.replace("_", " ") in said]
+        raise PeftMethodError("".join(f"{key}: " for key in named)
+                              + f"peft_method {method!r} does not fit {config.model_type} ({task}): {e}") from e
     if method == "prefix-tuning" and task in ("classification", "masked-lm") and not _takes_past_key_values(skeleton):
         # PEFT's sequence/token classification wrappers hand the prefixes over as a `past_key_values` argument
         # and only find out in the first forward pass that the model has none (transformers 5.24 renamed it
@@ -189,19 +222,23 @@ def peft_setup(method: str, model_path: str, task: str = "causal-lm", model_conf
     if method == "lora" and model_config is not None and getattr(model_config, "use_dora", False):
         method = "dora"
     merged: dict = {}
+    keys: dict = {}  # option -> the config key the user set it with, for the messages
     if model_config is not None and METHODS.get(method, (None,))[0] == "LoraConfig":
         for trl_name, name in _TRL_LORA_FIELDS.items():
             value = getattr(model_config, trl_name, None)
             if value is not None and value is not False and value != []:  # 0.0 is a value (`0.0 in (False,)`)
                 merged[name] = value
+                keys[name] = trl_name
     if method == "adalora":
         merged["total_step"] = total_steps
     if method == "prompt-tuning" and (options or {}).get("prompt_tuning_init_text"):
         merged["tokenizer_name_or_path"] = model_path
     merged.update(options or {})
+    keys.update({name: f"peft_options.{name}" for name in options or {}})
+    check_option_values(merged, keys)
     hf_config = transformers.AutoConfig.from_pretrained(model_path)
     config = build_peft_config(method, task_type, model_config=hf_config, **merged)
-    check_peft_fits(method, config, model_path, task)
+    check_peft_fits(method, config, model_path, task, keys)
     callbacks = []
     if method == "adalora":
         from hf_tuner.training import AdaLoraAllocationCallback

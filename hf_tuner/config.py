@@ -347,9 +347,10 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
     from hf_tuner.models import configure_loading
-    from hf_tuner.validation import check_training_values
+    from hf_tuner.validation import check_run_values, check_training_values
 
     check_training_values(training)
+    check_run_values(run)
     _move_secrets_to_environment(training)
     configure_loading(getattr(training, "trust_remote_code", own_trust),
                       getattr(run, "allow_pickle_weights", False))
@@ -411,6 +412,23 @@ def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, 
     return out
 
 
+def check_output_dir(out: Path) -> None:
+    """output_dir must be a folder, or a path where one can be made: said now, with the path, rather than as an
+    OSError from mkdir (or from the first checkpoint, hours in) after the data and the weights have loaded."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder; give --output_dir a folder path (new, or "
+                          "an existing run folder)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:  # the nearest part of the path that is there
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {out}: {existing} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: {existing} is not writable by this user, so the run folder cannot be "
+                          "written there; choose another --output_dir or fix the folder's permissions")
+
+
 def prepare_output_dir(training, run: RunArguments) -> Path:
     """Refuse to write into an existing run folder unless asked to resume or overwrite.
 
@@ -419,6 +437,7 @@ def prepare_output_dir(training, run: RunArguments) -> Path:
     from hf_tuner.distributed import is_main_process, wait_for_everyone
 
     out = Path(training.output_dir)
+    check_output_dir(out)
     wait_for_everyone()
     occupied = out.exists() and any(out.iterdir())
     wait_for_everyone()

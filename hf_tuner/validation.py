@@ -22,11 +22,42 @@ def check_training_values(training) -> None:
     if max_steps == -1 and getattr(training, "num_train_epochs", 1) <= 0:
         raise ConfigError(f"num_train_epochs: must be positive when max_steps is not set, got "
                           f"{training.num_train_epochs}")
-    for name in ("save_steps", "logging_steps", "eval_steps"):
+    for name in ("save_steps", "logging_steps", "eval_steps", "max_length"):  # max_length: TRL's configs (None: none)
         value = getattr(training, name, None)
         if value is not None and value <= 0:
             raise ConfigError(f"{name}: must be positive, got {value}")
+    for name in ("seed", "data_seed"):  # numpy takes 0 .. 2**32 - 1 and says only "Seed must be between ..."
+        value = getattr(training, name, None)
+        if value is not None and not 0 <= value < 2 ** 32:
+            raise ConfigError(f"{name}: must be a whole number from 0 to 2**32 - 1, got {value}")
+    for name in ("weight_decay", "max_grad_norm"):  # torch refuses a negative decay only when the optimizer is
+        value = getattr(training, name, None)  # built; a negative max_grad_norm silently turns clipping off
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}: must be 0 or more, got {value}")
     align_precision_with_launcher(training)
+
+
+# Run fields (hf-tuner's own, per recipe) that only make sense as positive numbers. A 0 here reached a library
+# below us as an empty tensor, a division by zero or an empty held-out set, after the weights had loaded.
+POSITIVE_RUN_FIELDS = ("max_length", "block_size", "max_source_length", "max_target_length", "eval_batch_size",
+                       "eval_max_new_tokens", "benchmark_batch_size", "response_length", "prompt_words", "top_k",
+                       "passage_words", "eval_documents", "eval_topics", "vocab_size", "hidden_size",
+                       "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                       "sample_tokens", "num_generations", "ppo_epochs", "num_mini_batches", "temperature",
+                       "task_temperature")
+NON_NEGATIVE_RUN_FIELDS = ("few_shot", "report_examples", "benchmark_num_fewshot", "train_samples")
+
+
+def check_run_values(run) -> None:
+    """The run fields above, where the recipe has them (None: not set)."""
+    for name in POSITIVE_RUN_FIELDS:
+        value = getattr(run, name, None)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name}: must be positive, got {value}")
+    for name in NON_NEGATIVE_RUN_FIELDS:
+        value = getattr(run, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"{name}: must be 0 or more, got {value}")
 
 
 def align_precision_with_launcher(training) -> str | None:
