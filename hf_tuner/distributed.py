@@ -114,7 +114,8 @@ TRACE_ENV = "HF_TUNER_RANK_TRACE"
 def trace_ranks(trainer, output_dir: Path) -> None:
     """With $HF_TUNER_RANK_TRACE set to a folder, each rank writes rank<N>.json there when it exits:
     its world size, a fingerprint of every training example it was given (per step), and every file under
-    `output_dir` it opened for writing (a Python audit hook sees each `open`)."""
+    `output_dir` it opened for writing from Python (an audit hook sees each `open`). The hook does not see
+    native writers (safetensors, torch.save): tests/workers/rank_watch.py checks those on the file system."""
     import atexit
     import hashlib
     import json

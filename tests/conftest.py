@@ -30,6 +30,65 @@ def subprocess_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(NETBLOCK), str(REPO)]), **extra}
 
 
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(**extra) -> dict:
+    """subprocess_env for `accelerate launch` / `torchrun`: without the rank variables of a launch this
+    process may itself run under, which the launcher's children would otherwise inherit."""
+    return {k: v for k, v in subprocess_env(**extra).items() if k not in LAUNCHER_VARIABLES}
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (for a launcher's rendezvous or a test server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def logged_losses(run_dir: Path, name: str = "log_history.json") -> list[float]:
+    """The training losses a run folder's log history holds, in step order."""
+    return [h["loss"] for h in json.loads((Path(run_dir) / name).read_text()) if "loss" in h]
+
+
+def assert_loss_falls(losses: list[float], steps: int | None = None, window: int = 1, by: float = 0.0,
+                      factor: float = 1.0) -> None:
+    """As many logged losses as steps (when given), and the mean of the last `window` losses below `factor`
+    times the mean of the first `window`, less `by`."""
+    if steps is not None:
+        assert len(losses) == steps, losses
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    assert last < factor * first - by, losses
+
+
+# A short, quiet recipe run: a loss every step, no checkpoints, no TensorBoard, fp32, seeded.
+QUICK_RUN = {"logging_steps": 1, "save_strategy": "no", "report_to": [], "bf16": False, "seed": 0}
+
+
+def tiny_sft_config(data: Path, output_dir: Path, **overrides) -> dict:
+    """recipes/sft_instruction.py on tiny-llama for a few steps: LoRA r=8, no base evaluation, two held-out
+    items with two new tokens each."""
+    return {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(output_dir),
+            "eval_samples": 2, "few_shot": 0, "evaluate_base": False, "eval_batch_size": 2, "eval_max_new_tokens": 2,
+            "per_device_train_batch_size": 4, "max_steps": 5, "learning_rate": 5e-3, "lora_r": 8, "max_length": 64,
+            "gradient_checkpointing": False, "report_examples": 1, **QUICK_RUN, **overrides}
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def assert_run_files(run_dir: Path, names) -> None:
+    """Every file a finished run folder must hold (paths relative to it), each one non-empty."""
+    missing = [n for n in names if not (Path(run_dir) / n).is_file() or not (Path(run_dir) / n).stat().st_size]
+    assert not missing, f"{run_dir} lacks {missing}"
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     from hf_tuner import assets
@@ -44,6 +103,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "bread", "chair", "glass", "music",
          "paper", "forest", "window", "garden", "silver", "candle", "mirror", "bridge", "island", "thunder"]
+
+
+def distinct_definition_rows(repeat: int = 3) -> list[dict]:
+    """prompt/completion rows in which every row differs (the index is in both), so a row's tokens identify it."""
+    return [{"prompt": f"Define the word '{w}' ({i}).", "completion": f"a kind of {w} used in room {i}"}
+            for i, w in enumerate(WORDS * repeat)]
 
 
 @pytest.fixture

@@ -2,66 +2,62 @@
 
 Runs `accelerate launch --config_file recipes/accelerate/cpu_ddp.yaml recipes/sft_instruction.py` on tiny-llama,
 and the same recipe as one process with twice the per-device batch, both with $HF_TUNER_RANK_TRACE set so each
-rank records its world size, the examples it was given and the files it wrote.
+rank records its world size, the examples it was given and the files it opened from Python. Two more launches,
+with checkpoints, a SIGINT on rank 1 alone and a resume, check on the file system who wrote the run folder.
 """
 
 import json
 import os
-import socket
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import WORDS, subprocess_env, write_jsonl
+from conftest import (WORDS, distinct_definition_rows, free_port, launcher_env, logged_losses, tiny_sft_config,
+                      write_jsonl, write_yaml)
 from hf_tuner.config import ConfigError
 from hf_tuner.distributed import TRACE_ENV, check_launch, requested_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 RECIPE = str(ROOT / "recipes" / "sft_instruction.py")
+CPU_DDP = str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml")
 STEPS = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _config(tmp: Path, name: str, batch: int, data: Path, **overrides) -> Path:
+    cfg = tiny_sft_config(data, tmp / name, **{
+        "per_device_train_batch_size": batch, "max_steps": STEPS,
+        "lora_dropout": 0.0,  # dropout masks come from each process's own RNG: no exact match with them
+        **overrides})
+    return write_yaml(tmp / f"{name}.yaml", cfg)
 
 
-def _config(tmp: Path, name: str, batch: int, data: Path) -> Path:
-    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp / name),
-           "eval_samples": 2, "few_shot": 0, "evaluate_base": False, "eval_batch_size": 2, "eval_max_new_tokens": 2,
-           "per_device_train_batch_size": batch, "max_steps": STEPS, "learning_rate": 5e-3, "lora_r": 8,
-           "lora_dropout": 0.0,  # dropout masks come from each process's own RNG: no exact match with them
-           "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": [],
-           "gradient_checkpointing": False, "bf16": False, "seed": 0, "report_examples": 1}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _run(cmd: list[str], trace: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update({TRACE_ENV: str(trace), "PYTHONPATH": subprocess_env()["PYTHONPATH"]})
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-
-
-def _losses(run_dir: Path) -> list[float]:
-    return [h["loss"] for h in json.loads((run_dir / "log_history.json").read_text()) if "loss" in h]
+def _run(cmd: list[str], trace: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """Run a launcher in its own process group: on a timeout (ranks that disagree wait for each other until
+    gloo gives up) the ranks are stopped with it, not left behind."""
+    env = launcher_env(**({TRACE_ENV: str(trace)} if trace else {}), **env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("ddp")
-    rows = [{"prompt": f"Define the word '{w}' ({i}).", "completion": f"a kind of {w} used in room {i}"}
-            for i, w in enumerate(WORDS * 3)]  # every row distinct, so fingerprints identify rows
-    data = write_jsonl(tmp / "defs.jsonl", rows)
-    ddp = _run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
-                "--main_process_port", str(_free_port()), RECIPE, "--config", str(_config(tmp, "ddp", 2, data))],
+    data = write_jsonl(tmp / "defs.jsonl", distinct_definition_rows())  # fingerprints identify rows
+    ddp = _run([ACCELERATE, "launch", "--config_file", CPU_DDP,
+                "--main_process_port", str(free_port()), RECIPE, "--config", str(_config(tmp, "ddp", 2, data))],
                tmp / "trace-ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "single", 4, data))], tmp / "trace-single")
@@ -70,7 +66,7 @@ def runs(tmp_path_factory, tiny_llama):
     assert again.returncode == 0, again.stderr[-3000:]
     # fsdp.yaml on CPU: accelerate drops the FSDP settings when use_cpu is on, and the recipe says so
     fsdp = _run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
-                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                  RECIPE, "--config", str(_config(tmp, "fsdp", 2, data))], tmp / "trace-fsdp")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "FSDP was asked for, but there is no CUDA" in fsdp.stderr
@@ -99,7 +95,9 @@ def test_ranks_see_disjoint_data_that_makes_up_the_global_batch(runs):
         assert set(r0["batches"][step]) | set(r1["batches"][step]) == set(single["batches"][step]), step
 
 
-def test_rank_zero_alone_writes_the_run_folder(runs):
+def test_rank_zero_alone_opens_run_files_from_python(runs):
+    """The Python `open()` audit of trace_ranks. It cannot see safetensors' or torch.save's native writes: the
+    file-system check below (test_only_rank_zero_writes_..._on_the_file_system) is the one that covers them."""
     tmp, (r0, r1), _ = runs
     assert r1["written"] == []
     assert {"metrics.json", "report.md", "log_history.json"} <= set(r0["written"])  # traced from training on
@@ -110,7 +108,7 @@ def test_rank_zero_alone_writes_the_run_folder(runs):
 
 def test_loss_curve_matches_one_process_with_the_same_global_batch(runs):
     tmp, _, _ = runs
-    ddp, single = _losses(tmp / "ddp"), _losses(tmp / "single")
+    ddp, single = logged_losses(tmp / "ddp"), logged_losses(tmp / "single")
     assert len(ddp) == len(single) == STEPS
     for a, b in zip(ddp, single):
         assert abs(a - b) <= 1e-4 * abs(b), (ddp, single)
@@ -123,7 +121,7 @@ def test_fsdp_config_on_cpu_runs_as_ddp_and_matches_one_process(runs):
     assert [t["distributed_type"] for t in traces] == ["MULTI_CPU", "MULTI_CPU"]  # not sharded: no CUDA
     assert [t["torch_world_size"] for t in traces] == [2, 2]
     assert traces[1]["written"] == []
-    fsdp, single = _losses(tmp / "fsdp"), _losses(tmp / "single")
+    fsdp, single = logged_losses(tmp / "fsdp"), logged_losses(tmp / "single")
     assert len(fsdp) == STEPS
     for a, b in zip(fsdp, single):
         assert abs(a - b) <= 1e-4 * abs(b), (fsdp, single)
@@ -132,7 +130,7 @@ def test_fsdp_config_on_cpu_runs_as_ddp_and_matches_one_process(runs):
 
 def test_same_config_and_seed_give_bit_identical_runs(runs):
     tmp, _, _ = runs
-    assert _losses(tmp / "again") == _losses(tmp / "single")  # exact: two fresh processes, same seed
+    assert logged_losses(tmp / "again") == logged_losses(tmp / "single")  # exact: two fresh processes, same seed
     grads = lambda d: [h["grad_norm"] for h in json.loads((tmp / d / "log_history.json").read_text())  # noqa: E731
                        if "grad_norm" in h]
     assert grads("again") == grads("single")
@@ -172,15 +170,12 @@ def test_ppo_two_processes_resume_from_a_checkpoint_repeats_the_run(tmp_path, ti
            "eval_batch_size": 8, "report_to": [], "bf16": False, "seed": 0, "num_threads": 1,
            "save_strategy": "steps", "save_steps": 2}
     recipe = str(ROOT / "recipes" / "ppo_rlhf.py")
-    env = {k: v for k, v in subprocess_env().items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
-    env["PYTHONPATH"] += os.pathsep + str(ROOT / "tests")  # the reward function lives in tests/test_rl.py
+    path = launcher_env()["PYTHONPATH"] + os.pathsep + str(ROOT / "tests")  # the reward is in tests/test_rl.py
     for name, extra in (("a", {}), ("b", {"output_dir": str(tmp_path / "b"),
                                           "resume_from_checkpoint": str(tmp_path / "a" / "checkpoint-2")})):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**cfg, **extra}))
-        run = subprocess.run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
-                              "--main_process_port", str(_free_port()), recipe, "--config",
-                              str(tmp_path / f"{name}.yaml")], env=env, capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
+        write_yaml(tmp_path / f"{name}.yaml", {**cfg, **extra})
+        run = _run([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
+                    recipe, "--config", str(tmp_path / f"{name}.yaml")], PYTHONPATH=path)
         assert run.returncode == 0, run.stderr[-3000:]
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert {p.name for p in checkpoint.glob("rng_state_*.pt")} == {"rng_state_0.pt", "rng_state_1.pt"}
@@ -196,3 +191,141 @@ def test_ppo_two_processes_resume_from_a_checkpoint_repeats_the_run(tmp_path, ti
     wa, wb = (load_file(str(tmp_path / n / "policy" / "adapter_model.safetensors")) for n in ("a", "b"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+
+
+# ---- who wrote the run folder, read from the file system; SIGINT on one rank; checkpoints across a resume ----
+# tests/workers/rank_watch.py marks what each rank creates (its own group as root, else its own umask) and has
+# rank 0 count, with inotify, every close-after-write and rename in the run folder by any process. Launch 1:
+# rank 1 alone gets SIGINT during step 3 (after checkpoint-2); both ranks must stop after step 3 and save
+# checkpoint-3. Launch 2 resumes it to step 4 (checkpoint-4, then the final adapter and the report).
+
+WATCH = str(ROOT / "tests" / "workers" / "rank_watch.py")
+WATCH_STEPS = 4
+SIGNAL_STEP = 3
+CHECKPOINTS = {"stopped": (2, 3), "resumed": (4,)}  # save_steps 2, and the step the signal stopped at
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("rank-writes")
+    data = write_jsonl(tmp / "defs.jsonl", distinct_definition_rows())
+    config = _config(tmp, "run", 2, data, max_steps=WATCH_STEPS, save_strategy="steps", save_steps=2)
+    out = tmp / "run"
+    out.mkdir()  # watched from the start (an empty folder is not an occupied one)
+    launches = {}
+    for name, extra, env in (("stopped", [], {"HF_TUNER_TEST_SIGINT": f"1:{SIGNAL_STEP}"}),
+                             ("resumed", ["--resume_from_checkpoint", "latest"], {})):
+        record = tmp / f"record-{name}"
+        proc = _run([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
+                     WATCH, RECIPE, "--config", str(config), *extra],
+                    HF_TUNER_WATCH_DIR=str(out), HF_TUNER_WATCH_RECORD=str(record), OMP_NUM_THREADS="1", **env)
+        ranks = [json.loads((record / f"rank{r}.json").read_text()) if (record / f"rank{r}.json").is_file() else None
+                 for r in (0, 1)]
+        assert all(ranks), f"{name}: a rank left no record\n{proc.stderr[-3000:]}"
+        launches[name] = proc, ranks
+    return out, launches
+
+
+def test_sigint_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(watched):
+    out, launches = watched
+    proc, ranks = launches["stopped"]
+    assert [r["exit_status"] for r in ranks] == [128 + signal.SIGINT] * 2, proc.stderr[-3000:]
+    # only rank 1 took the signal; rank 0 learnt of it through the all-reduce and stopped after the same step
+    assert proc.stdout.count("SIGINT received: saving a checkpoint after this step") == 1, proc.stdout[-2000:]
+    stopped = f"SIGINT received: stopped at step {SIGNAL_STEP}, checkpoint saved to {out / f'checkpoint-{SIGNAL_STEP}'}"
+    assert proc.stderr.count(stopped) == 2, proc.stderr[-3000:]  # each rank names the checkpoint rank 0 finished
+    assert "resume with: accelerate launch" in proc.stderr
+    written = set(ranks[0]["counts"])
+    assert f"checkpoint-{SIGNAL_STEP}/trainer_state.json" in written  # saved by the stop, before the exit
+    assert not any(p.startswith(("checkpoint-4", "adapter", "metrics")) for p in written)  # and nothing after it
+
+    proc, ranks = launches["resumed"]
+    assert proc.returncode == 0 and [r["exit_status"] for r in ranks] == [0, 0], proc.stderr[-3000:]
+    assert f"resuming from {out / f'checkpoint-{SIGNAL_STEP}'}" in proc.stdout
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, WATCH_STEPS + 1))
+
+
+def _creator(path: Path, ranks: list[dict]) -> int | None:
+    """The rank whose mark the file or folder carries (None: no rank's, or it cannot be told)."""
+    st = path.stat()
+    if ranks[0]["by"] == "gid":
+        return next((r["rank"] for r in ranks if r["gid"] == st.st_gid), None)
+    if not st.st_mode & 0o600 == 0o600:
+        return None
+    if st.st_mode & 0o077 == 0:
+        return None  # created with an explicit 0600 (safetensors' temporary file): either rank's
+    return 0 if st.st_mode & stat.S_IROTH else 1
+
+
+def _writes(seen: dict) -> int:
+    """Writes of one file: a close after writing, or a rename onto it (safetensors renames its temporary file
+    while still open, so its one write is both)."""
+    return max(seen["close_write"], seen["moved_to"])
+
+
+def test_only_rank_zero_writes_the_run_folder_checked_on_the_file_system(watched):
+    """Every file of the run folder, as the kernel saw it: created by rank 0 and written once (or as many times
+    as rank 0 writes it), except rank 1's own RNG state in each checkpoint (Trainer saves one per rank). Native
+    writers (safetensors, torch.save) are seen as well as Python's."""
+    out, launches = watched
+    records = {name: ranks for name, (_, ranks) in launches.items()}
+    assert all(not r[0]["overflow"] and r[0]["watched_late"] == [] for r in records.values())  # no event lost
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    folders = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_dir())
+    every_checkpoint = [n for ns in CHECKPOINTS.values() for n in ns]
+    rank1_own = {f"checkpoint-{n}/rng_state_1.pth" for n in every_checkpoint}
+
+    # who created what: rank 1 its RNG files (and, first to get there, maybe a checkpoint folder), rank 0 the rest
+    ranks = records["resumed"]
+    creators = {f: _creator(out / f, ranks) for f in files}
+    assert {f for f, r in creators.items() if r == 1} == rank1_own, creators  # the mark works: rank 1's are seen
+    unknown = sorted(f for f, r in creators.items() if r is None)
+    if ranks[0]["by"] == "gid":
+        assert not unknown, unknown
+    else:  # without root, a 0600 file cannot be told apart: only safetensors files are made so
+        assert all(f.endswith(".safetensors") for f in unknown), unknown
+    assert {d for d in folders if _creator(out / d, ranks) == 1} <= {f"checkpoint-{n}" for n in every_checkpoint}
+
+    # how often: once, but config.yaml each launch, the model card TRL rewrites at each checkpoint, and the
+    # adapter's tokenizer files that the recipe saves again after Trainer.save_model saved them
+    for name, (_, ranks) in launches.items():
+        counts = {f: _writes(seen) for f, seen in ranks[0]["counts"].items()}
+        assert set(counts) <= set(files), sorted(set(counts) - set(files))  # no temporary or deleted file
+        expected = {"config.yaml": 1, "README.md": len(CHECKPOINTS[name])}
+        if name == "resumed":
+            expected.update({f"adapter/{t}": 2 for t in TOKENIZER_FILES})
+        wrong = {f: n for f, n in counts.items() if n != expected.get(f, 1) and f not in rank1_own}
+        wrong.update({f: n for f, n in counts.items() if f in rank1_own and n > 1})
+        assert not wrong, (name, wrong)
+    launched = [set(r[0]["counts"]) for r in records.values()]
+    twice = (launched[0] & launched[1]) - {"config.yaml", "README.md"}
+    assert not twice, twice  # the resumed launch rewrote nothing of the stopped one
+    assert set(files) - launched[0] - launched[1] <= rank1_own  # no file was written unseen
+
+    # no per-rank duplicates and no half-written checkpoint: each one complete, the same files, loadable
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_tuner import assets
+    from hf_tuner.checkpoints import is_complete
+
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "incomplete"))) == \
+        [f"checkpoint-{n}" for n in every_checkpoint]
+    contents = {n: sorted(p.name for p in (out / f"checkpoint-{n}").iterdir()) for n in every_checkpoint}
+    assert all(c == contents[2] for c in contents.values()), contents
+    assert [f for f in contents[2] if any(ch.isdigit() for ch in f)] == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not [f for f in files if (out / f).stat().st_size == 0], "an empty file"
+    base = assets.resolve("tiny-llama")
+    for n in every_checkpoint:
+        folder = out / f"checkpoint-{n}"
+        assert is_complete(folder)
+        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == n
+        torch.load(folder / "optimizer.pt", weights_only=True)
+        for r in (0, 1):
+            torch.load(folder / f"rng_state_{r}.pth", weights_only=False)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+    final, last = (load_file(str(d / "adapter_model.safetensors")) for d in (out / "adapter", out / "checkpoint-4"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
