@@ -226,6 +226,7 @@ def train_resumable(trainer, run, output_dir: Path):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         trainer.remove_callback(stop)
+        stop.restore()  # a second signal's KeyboardInterrupt skips on_train_end, which restores them otherwise
         full_state_dict_for_final_save(trainer)
     if stop.signum:
         raise RunInterrupted(stop.signum, trainer.state.global_step, last_complete_checkpoint(output_dir))

@@ -1,5 +1,7 @@
 """Faults: a run killed with SIGKILL resumes from its last complete checkpoint and ends where an uninterrupted
-run ends; a half-written checkpoint is never picked; SIGTERM saves a checkpoint and exits saying how to resume."""
+run ends; a half-written checkpoint is never picked; SIGTERM saves a checkpoint and exits saying how to resume;
+SIGINT finishes the step and saves, and a second SIGINT stops at once. (Ranks agreeing on the stop step:
+tests/test_distributed.py.)"""
 
 import json
 import os
@@ -11,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import WORDS, subprocess_env, write_jsonl
+from conftest import distinct_definition_rows, subprocess_env, tiny_sft_config, write_jsonl, write_yaml
 from hf_tuner.checkpoints import is_complete, last_complete_checkpoint, resolve_resume
 from hf_tuner.config import ConfigError
 
@@ -24,15 +25,9 @@ STEPS = 24
 
 
 def _config(tmp: Path, data: Path, method: str) -> Path:
-    cfg = {"model_name_or_path": "tiny-llama", "dataset_name": str(data), "output_dir": str(tmp / "run"),
-           "eval_samples": 2, "few_shot": 0, "evaluate_base": False, "eval_batch_size": 2, "eval_max_new_tokens": 2,
-           "per_device_train_batch_size": 4, "max_steps": STEPS, "learning_rate": 5e-3, "lora_r": 8,
-           "peft_method": method, "max_length": 64, "logging_steps": 1, "save_strategy": "steps", "save_steps": 4,
-           "report_to": [], "gradient_checkpointing": False, "bf16": False, "seed": 0, "report_examples": 1,
-           "num_threads": 1}
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg = tiny_sft_config(data, tmp / "run", max_steps=STEPS, peft_method=method, save_strategy="steps",
+                          save_steps=4, num_threads=1)
+    return write_yaml(tmp / "config.yaml", cfg)
 
 
 def _cmd(config: Path, out: Path, *extra: str) -> list[str]:
@@ -64,9 +59,7 @@ def _final_state(out: Path, weights: str) -> tuple[list[float], dict]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume-data")
-    rows = [{"prompt": f"Define the word '{w}' ({i}).", "completion": f"a kind of {w} used in room {i}"}
-            for i, w in enumerate(WORDS * 3)]
-    return write_jsonl(tmp / "defs.jsonl", rows)
+    return write_jsonl(tmp / "defs.jsonl", distinct_definition_rows())
 
 
 WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
@@ -209,3 +202,62 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama,
     assert again.returncode == 0, again.stderr[-3000:]
     history = json.loads((out / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h][-1] == STEPS
+
+
+# ---- SIGINT in process: the first signal finishes the step, saves and stops; the second stops at once ----
+
+def _signalling_trainer(tmp_path, tiny_llama, at_step: int, times: int):
+    """A plain Trainer on tiny-llama for 8 steps (no periodic checkpoints) that sends itself `times` SIGINTs
+    at the start of step `at_step`, as a user's Ctrl-C (once, or twice in a row) would arrive."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    class SignalDuring(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at_step - 1:
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (16, 8), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=8,
+                             per_device_train_batch_size=2, save_strategy="no", logging_steps=1, learning_rate=1e-3)
+    return Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=args,
+                   train_dataset=[{"input_ids": r, "labels": r} for r in ids], callbacks=[SignalDuring()])
+
+
+class _Run:
+    resume = "never"
+
+
+def test_sigint_finishes_the_step_saves_a_checkpoint_and_stops(tmp_path, tiny_llama, capsys):
+    from hf_tuner.checkpoints import RunInterrupted, train_resumable
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    trainer = _signalling_trainer(tmp_path, tiny_llama, at_step=3, times=1)
+    with pytest.raises(RunInterrupted) as stopped:
+        train_resumable(trainer, _Run, tmp_path / "out")
+    saved = tmp_path / "out" / "checkpoint-3"
+    assert (stopped.value.signum, stopped.value.step, stopped.value.checkpoint) == (signal.SIGINT, 3, saved)
+    assert stopped.value.exit_code == 130
+    assert str(stopped.value) == f"SIGINT received: stopped at step 3, checkpoint saved to {saved}"
+    assert "saving a checkpoint after this step, then stopping" in capsys.readouterr().out
+    assert trainer.state.global_step == 3 and is_complete(saved)  # the step in progress finished, then the save
+    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == 3
+    reloaded = load_file(saved / "model.safetensors")
+    for name, p in trainer.model.state_dict().items():
+        if name in reloaded:
+            assert torch.equal(reloaded[name], p), name
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers given back
+
+
+def test_a_second_sigint_stops_at_once_without_saving(tmp_path, tiny_llama):
+    from hf_tuner.checkpoints import train_resumable
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    trainer = _signalling_trainer(tmp_path, tiny_llama, at_step=3, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_resumable(trainer, _Run, tmp_path / "out")
+    assert trainer.state.global_step == 2  # step 3 never finished
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    # neither signal is left with the stopped run's handler (in a notebook, a later SIGTERM must still end it)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
