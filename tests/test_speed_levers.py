@@ -65,12 +65,36 @@ def test_compact_loss_matches_stock_sft_trainer_under_gradient_accumulation(tiny
     assert got < 0.5 * ours.compute_loss(ours.model, dict(batch))  # the step's label count divides it
 
 
+def test_one_accumulated_step_updates_the_weights_as_stock_sft_trainer_does(tiny_llama, tmp_path):
+    """gradient_accumulation_steps 3: one optimizer step over three micro-batches with different label counts,
+    same seed and data order. Plain SGD without clipping, so the update is the gradient itself (Adam's first
+    step and clipping would hide a scale error): the compact loss moves every weight as TRL's loss does."""
+    step = {"gradient_accumulation_steps": 3, "per_device_train_batch_size": 2, "max_steps": 1, "optim": "sgd",
+            "learning_rate": 0.5, "max_grad_norm": 0.0, "lr_scheduler_type": "constant", "weight_decay": 0.0,
+            "logging_steps": 1}
+    from trl import SFTTrainer
+
+    trainers = {"stock": _plain_sft_trainer(SFTTrainer, tiny_llama, tmp_path / "stock", _rows(6), **step),
+                "ours": _sft_trainer(tiny_llama, tmp_path / "ours", _rows(6), **step)}
+    moved = {}
+    for name, trainer in trainers.items():
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        assert trainer.state.global_step == 1
+        moved[name] = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
+    labelled = [int((b["labels"] != -100).sum()) for b in trainers["stock"].get_train_dataloader()]
+    assert len(labelled) == 3 and len(set(labelled)) > 1, labelled  # a mean per micro-batch would weigh wrong
+    assert any(d.abs().max() > 1e-4 for d in moved["stock"].values())
+    for n, d in moved["stock"].items():
+        torch.testing.assert_close(moved["ours"][n], d, rtol=1e-3, atol=1e-6, msg=n)
+
+
 def _plain_sft_trainer(trainer_cls, model, tmp_path, rows, **args):
     from datasets import Dataset
     from trl import SFTConfig
 
     config = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
-                       report_to="none", per_device_train_batch_size=4, seed=3, **args)
+                       report_to="none", **{"per_device_train_batch_size": 4, "seed": 3, **args})
     return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows))
 
 
