@@ -4,13 +4,12 @@ round trip into the reward model, and one end-to-end run in headless Chromium (s
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import assert_loss_falls, free_port, logged_losses, write_jsonl
 from hf_tuner.data import DataError
 from hf_tuner.data.preferences import read_preference_file
 from hf_tuner.evaluation.human import cohen_kappa, read_judgments, summarize, wilson_interval
@@ -321,8 +320,7 @@ def test_rankings_train_the_reward_model(tmp_path):
            "num_threads": 1}
     result = train(cfg)
     assert result.metrics["train"]["train_pairs"] == 48 and result.metrics["train"]["eval_pairs"] == 12
-    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    assert_loss_falls(logged_losses(result.output_dir), window=5)
     assert (result.output_dir / "model" / "config.json").exists()
 
 
@@ -456,6 +454,114 @@ def test_generate_compare_base_answers_with_the_adapter_off_and_on(tmp_path, tin
     assert [i.prompt for i in read_ab_pairs(out)] == ["Define the word 'apple'.", "Define the word 'stone'."]
 
 
+# ---- `hf-tuner label` as a user starts it: a server process, real HTTP, Ctrl-C
+
+class _LabelCommand:
+    """`python -m hf_tuner.cli label ...` on a free port, until SIGINT (what Ctrl-C sends)."""
+
+    def __init__(self, *args, host="127.0.0.1"):
+        import subprocess
+        import sys
+
+        from conftest import subprocess_env
+
+        self.host, self.port = host, free_port()
+        cmd = [sys.executable, "-m", "hf_tuner.cli", "label", *map(str, args), "--host", host, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, env=subprocess_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def request(self, method, path, body=None, host_header=None):
+        import http.client
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)  # no proxy: straight to the server
+        headers = {"Host": host_header or f"{self.host}:{self.port}"}
+        if body is not None:
+            from urllib.parse import urlencode
+
+            body, headers["Content-Type"] = urlencode(body), "application/x-www-form-urlencoded"
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+
+    def __enter__(self):
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hf-tuner label exited: {self.proc.communicate()[1][-2000:]}")
+            try:
+                if self.request("GET", "/api/progress")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("hf-tuner label did not start")
+            time.sleep(0.1)
+
+    def stop(self):
+        import signal
+
+        self.proc.send_signal(signal.SIGINT)
+        self.out, self.err = self.proc.communicate(timeout=30)
+        return self.proc.returncode
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def _token(html):
+    import re
+
+    return re.search(r'name="token" value="([^"]+)"', html).group(1)
+
+
+def test_label_command_serves_records_a_judgment_and_stops_on_ctrl_c(tmp_path):
+    rows = [{"prompt": f"prompt number {i}", "base": f"answer {i}a", "tuned": f"answer {i}b"} for i in range(3)]
+    pairs = write_jsonl(tmp_path / "ab.jsonl", rows)
+    out = tmp_path / "judged.jsonl"
+    with _LabelCommand("ab", "--pairs", pairs, "--output", out, "--annotator", "ann7") as server:
+        status, page = server.request("GET", "/")
+        assert status == 200 and "1 of 3" in page
+        item = server.request("GET", "/api/progress")[1]
+        status, _ = server.request("POST", "/judge", {"token": _token(page), "item_id": json.loads(item)["current"],
+                                                      "choice": "left"})
+        assert status == 303
+        assert server.request("GET", "/", host_header="evil.example:80")[0] == 400  # loopback: Host checked
+        assert server.stop() == 0, server.err[-2000:]
+    assert [(r["annotator"], r["choice"]) for r in lines(out)] == [("ann7", "left")]
+    assert f"hf-tuner label ab: 3 items, 0 already judged by ann7; judgments go to {out}" in server.out
+    assert f"open http://127.0.0.1:{server.port}/" in server.out
+    assert "warning: binding" not in server.out
+
+
+def test_label_command_on_another_address_warns_and_drops_the_host_check(tmp_path, candidates):
+    """--host other than loopback: the printed warning, and what it says (the Host check is off) is so.
+    127.0.0.2 is another address of this machine's loopback, so nothing is exposed to the network."""
+    with _LabelCommand("rank", "--candidates", candidates, "--output", tmp_path / "prefs.jsonl",
+                       host="127.0.0.2") as server:
+        assert server.request("GET", "/", host_header="evil.example:80")[0] == 200
+        assert server.stop() == 0, server.err[-2000:]
+    assert ("warning: binding 127.0.0.2: anyone who can reach this machine can read the outputs and post "
+            "judgments; the Host check is off") in server.out
+    assert f"open http://127.0.0.2:{server.port}/" in server.out
+
+
+def test_label_command_names_the_missing_source(tmp_path, capsys):
+    from hf_tuner.cli import main
+
+    out = str(tmp_path / "j.jsonl")
+    assert main(["label", "ab", "--output", out]) == 2
+    assert "label ab: give one of --run RUN_DIR, --pairs FILE, or --base DIR --tuned DIR" in capsys.readouterr().err
+    assert main(["label", "ab", "--output", out, "--base", str(tmp_path)]) == 2  # --base without --tuned
+    assert "label ab: give one of" in capsys.readouterr().err
+    assert main(["label", "rank", "--output", out]) == 2
+    assert "label rank: give --candidates FILE [FILE ...], or --model and --prompts" in capsys.readouterr().err
+    assert main(["label", "rank", "--output", out, "--model", "tiny-llama"]) == 2
+    assert "label rank --model needs --prompts FILE" in capsys.readouterr().err
+    assert not (tmp_path / "j.jsonl").exists()
+
+
 # ---- the real thing: a browser, the keyboard, a reload
 
 def _browser_or_skip():
@@ -481,9 +587,7 @@ class _Server:
     def __init__(self, session):
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(session), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
