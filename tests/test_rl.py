@@ -56,6 +56,46 @@ def test_clip_fraction_is_zero_when_nothing_moved():
     assert vf.item() == pytest.approx(0.5)
 
 
+def test_adaptive_kl_controller_moves_the_coefficient_toward_the_target():
+    """Ziegler et al. (2019): beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * episodes / horizon."""
+    from hf_tuner.rl.ppo import KLController
+
+    fixed = KLController(0.05, adaptive=False, target=6.0, horizon=100)
+    fixed.update(60.0, 50)
+    assert fixed.value == 0.05
+    kl = KLController(0.05, adaptive=True, target=6.0, horizon=100)
+    kl.update(7.5, 50)  # 25% over the target, clipped to 20%: up by 0.2 * 50 / 100
+    assert kl.value == pytest.approx(0.05 * 1.1)
+    kl.update(6.6, 100)  # 10% over: up by 0.1 * 100 / 100
+    assert kl.value == pytest.approx(0.05 * 1.1 * 1.1)
+    kl.update(3.0, 10)  # 50% under, clipped to -20%: down by 0.2 * 10 / 100
+    assert kl.value == pytest.approx(0.05 * 1.1 * 1.1 * 0.98)
+    kl.update(6.0, 1000)  # on target: unchanged
+    assert kl.value == pytest.approx(0.05 * 1.1 * 1.1 * 0.98)
+
+
+@pytest.mark.parametrize("kl, kl_warn, expected", [
+    (-1.5, 20.0, "the KL to the reference is negative (-1.50 nats per response)"),
+    (25.0, 20.0, "the KL to the reference is 25.0 nats per response, above kl_warn=20.0"),
+    (-0.5, 20.0, None),  # sampling noise around 0: no warning
+    (19.9, 20.0, None),
+    (3.0, 2.5, "above kl_warn=2.5"),
+])
+def test_kl_warnings(caplog, kl, kl_warn, expected):
+    from hf_tuner.rl.ppo import PPOArguments, PPOTrainer
+
+    fake = type("T", (), {"ppo": PPOArguments(kl_warn=kl_warn)})()
+    with caplog.at_level("WARNING", logger="hf_tuner.rl.ppo"):
+        PPOTrainer._warn(fake, {"step": 4, "kl": kl, "pg_loss": 0.1})
+    warned = [r.getMessage() for r in caplog.records if r.name == "hf_tuner.rl.ppo"]
+    if expected is None:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and warned[0].startswith("step 4: ") and expected in warned[0], warned
+    with pytest.raises(FloatingPointError, match="step 4: the policy loss is nan"):
+        PPOTrainer._warn(fake, {"step": 4, "kl": kl, "pg_loss": float("nan")})
+
+
 def _tiny_policy(tiny_llama):
     from peft import LoraConfig, get_peft_model
 
@@ -91,6 +131,22 @@ def test_ppo_step_on_tiny_models(tiny_llama):
     assert any("lora_B" in n for n in moved)
     second = trainer.step(PROMPTS)
     assert second["kl"] != 0.0  # the policy has left the reference
+
+
+def test_ppo_steps_adapt_the_kl_coefficient_and_warn(tiny_llama, caplog):
+    """In the loop: each step's coefficient is the previous one moved by that step's KL over all its episodes,
+    and a step over kl_warn logs the warning."""
+    trainer, _ = _tiny_trainer(tiny_llama, adaptive_kl=True, target_kl=0.5, kl_horizon=16, kl_coef=0.1,
+                               kl_warn=-0.5)
+    with caplog.at_level("WARNING", logger="hf_tuner.rl.ppo"):
+        first = trainer.step(PROMPTS)
+        second = trainer.step(PROMPTS)
+    assert first["kl_coef"] == 0.1  # the coefficient the step's rewards used, before its own update
+    expected = 0.1 * (1 + max(-0.2, min(0.2, first["kl"] / 0.5 - 1)) * len(PROMPTS) / 16)
+    assert second["kl_coef"] == pytest.approx(expected) and second["kl_coef"] != 0.1
+    assert trainer.kl.value == pytest.approx(expected * (1 + max(-0.2, min(0.2, second["kl"] / 0.5 - 1)) * 8 / 16))
+    warned = [r.getMessage() for r in caplog.records if "above kl_warn=-0.5" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == ["step 1", "step 2"], warned
 
 
 def test_an_update_moves_probability_toward_positive_advantages(tiny_llama):
