@@ -199,21 +199,15 @@ def test_ppo_full_fine_tuning_reference_moves_to_the_accelerator_device(tiny_pol
 # ---- saving under FSDP2: torch's fully_shard runs on CPU over gloo, so the sharding here is real ----
 
 def _torchrun(*args, timeout=240):
-    import os
-    import socket
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from conftest import free_port, launcher_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in subprocess_env(OMP_NUM_THREADS="1").items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parents[1])
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), *map(str, args)]
+    return subprocess.run(cmd, env=launcher_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parents[1])
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
