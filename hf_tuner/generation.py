@@ -126,13 +126,16 @@ def merged_adapter(model):
 
 
 @torch.no_grad()
-def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSettings, desc: str = "generate"):
+def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSettings, desc: str = "generate",
+                     stats: dict | None = None):
     """Generate a completion for every prompt (already templated text); returns texts in input order.
 
     Prompts are sorted by length so each batch wastes little compute on padding. Greedy decoding of a
     decoder-only model runs `greedy_batched` (same tokens as `model.generate`, faster); anything else runs
-    `model.generate` with the preset.
+    `model.generate` with the preset. `stats`, when given, receives prompts, new_tokens (up to each
+    response's end), seconds and tokens_per_s.
     """
+    start = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set one to batch generation")
@@ -149,6 +152,12 @@ def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSet
                 new_tokens = _generate(model, encoded, settings, pad_id, seq2seq, desc)
     finally:
         model.train(was_training)
+    if stats is not None:
+        ends = _eos_ids(model, tokenizer) | {pad_id}
+        produced = sum(next((k + 1 for k, t in enumerate(row) if t in ends), len(row)) for row in new_tokens)
+        seconds = time.perf_counter() - start
+        stats.update(prompts=len(prompts), new_tokens=produced, seconds=seconds,
+                     tokens_per_s=produced / max(seconds, 1e-9))
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
 
 
@@ -178,29 +187,62 @@ def _generate(model, encoded, settings, pad_id, seq2seq, desc):
     return outputs
 
 
+class SharedPrefix:
+    """The key/value cache of the tokens every prompt starts with (chat template, system prompt, few-shot
+    turns), computed once; `batch` lays out rows that continue it. `transformers` has no batched form of
+    this: its prefix-cache recipe (`past_key_values=` a copied prompt cache) takes one shared prompt, not
+    rows of different lengths after it."""
+
+    def __init__(self, model, encoded: list[list[int]], limit: int | None = None):
+        from transformers import DynamicCache
+
+        self.model, self.device, self.arg = model, next(model.parameters()).device, _cache_kwarg(model)
+        self.length = min(_common_prefix(encoded), limit if limit is not None else len(encoded[0]))
+        self.cache = None
+        if self.length:
+            self.cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([encoded[0][:self.length]], device=self.device), use_cache=True,
+                  logits_to_keep=1, **{self.arg: self.cache})
+
+    def batch(self, rows: list[list[int]], pad_id: int) -> dict:
+        """Model inputs for `rows` (whole prompts; the prefix is cut off here): each row's own tokens
+        left-padded after the prefix, the attention mask over prefix + padding + tokens, position ids that
+        continue the prefix, and a copy of the prefix cache per row. Every real token sees exactly what it
+        sees in the full left-padded prompt."""
+        from transformers import DynamicCache
+
+        n = self.length
+        suffixes = [r[n:] for r in rows]
+        width = max(len(s) for s in suffixes)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), n + width), dtype=torch.long)
+        attention[:, :n] = 1
+        positions = torch.ones((len(rows), width), dtype=torch.long)  # padding: any position, it is masked
+        for row, ids in enumerate(suffixes):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, n + width - len(ids):] = 1
+            positions[row, width - len(ids):] = torch.arange(n, n + len(ids))
+        cache = DynamicCache(config=self.model.config)
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(len(rows))
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
+                "position_ids": positions.to(self.device), "use_cache": True, self.arg: cache}
+
+
 @torch.no_grad()
 def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, eos_ids: set[int], pad_id: int,
                    desc: str = "generate") -> list[list[int]]:
     """Greedy decoding of token-id prompts with a decoder-only model: the new token ids of each, in input order.
 
     Written here because `model.generate` offers neither of the two things that make it fast:
-    - the prompts' common prefix (chat template, system prompt, few-shot turns) is run once, and its key/value
-      cache is copied into every batch; each row's own tokens follow it after the padding, with position ids
-      that continue the prefix, so every real token sees what it sees in the full left-padded prompt;
+    - the prompts' common prefix is run once (`SharedPrefix`) and its cache copied into every batch;
     - a row that has ended (an EOS id or max_new_tokens) leaves the batch, with its cache rows.
     The arithmetic is the same as `model.generate`'s greedy search, so the tokens agree with it (rounding can
     differ with the batch shapes; benchmarks/bench_generation.py counts the outputs that differ).
     """
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    cache_arg = _cache_kwarg(model)
-    n_prefix = _common_prefix(encoded)
-    prefix_cache = None
-    if n_prefix:
-        prefix_cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([encoded[0][:n_prefix]], device=device), use_cache=True, logits_to_keep=1,
-              **{cache_arg: prefix_cache})
+    prefix = SharedPrefix(model, encoded)
+    device = prefix.device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[list[int]] = [[] for _ in encoded]
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
@@ -208,25 +250,13 @@ def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, 
     start_time, produced = time.perf_counter(), 0
     for start in range(0, len(order), settings.batch_size):
         idx = order[start:start + settings.batch_size]
-        suffixes = [encoded[i][n_prefix:] for i in idx]
-        width = max(len(s) for s in suffixes)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), n_prefix + width), dtype=torch.long)
-        attention[:, :n_prefix] = 1
-        positions = torch.ones((len(idx), width), dtype=torch.long)  # padding: any position, it is masked
-        for row, ids in enumerate(suffixes):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, n_prefix + width - len(ids):] = 1
-            positions[row, width - len(ids):] = torch.arange(n_prefix, n_prefix + len(ids))
-        cache = DynamicCache(config=model.config)
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(idx))
-        input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
+        inputs = prefix.batch([encoded[i] for i in idx], pad_id)
+        cache = inputs.pop(prefix.arg)
+        input_ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
         alive = list(idx)  # prompt index of each row still in the batch
         for step in range(settings.max_new_tokens):
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                           logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+                           logits_to_keep=1, **{prefix.arg: cache}).logits[:, -1]
             next_ids = logits.argmax(-1)
             for row, token in zip(alive, next_ids.tolist()):
                 outputs[row].append(token)

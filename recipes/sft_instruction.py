@@ -78,6 +78,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.evaluation.report import write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model, load_tokenizer
+    from hf_tuner.progress import RunClock
     from hf_tuner.training import planned_steps, plain_loss_trainer
     from hf_tuner.validation import check_batch, check_lengths
 
@@ -137,14 +138,23 @@ def train(config=None) -> RunResult:
     other_tasks = {name: GenerationTask(name, rows, system_prompt=run.system_prompt)
                    for name, rows in held_out_tasks.items()}
     results, other = {}, {name: {} for name in other_tasks}
+    few_name = f"few_shot_{run.few_shot}"
+    phases = ([*(["base"] + [f"{n} base" for n in other_tasks] + ([few_name] if run.few_shot else []))]
+              if run.evaluate_base else []) + (["benchmarks base"] if benchmarks and run.evaluate_base else [])
+    phases += ["train", "tuned", *[f"{n} tuned" for n in other_tasks]]
+    phases += ["benchmarks tuned"] if benchmarks and run.evaluate_base else []
+    clock = RunClock(phases, like={"tuned": "base", "benchmarks tuned": "benchmarks base",
+                                   **{f"{n} tuned": f"{n} base" for n in other_tasks}}, enabled=is_main_process())
     if run.evaluate_base:
-        results["base"] = evaluate_model(model, tokenizer, task, decoding)
+        results["base"] = clock.evaluation("base", evaluate_model(model, tokenizer, task, decoding))
         for name, t in other_tasks.items():
-            other[name]["base"] = evaluate_model(model, tokenizer, t, decoding)["metrics"]
+            other[name]["base"] = clock.evaluation(f"{name} base", evaluate_model(model, tokenizer, t, decoding))["metrics"]
         if run.few_shot:
             few = task.with_shots(run.few_shot, train_rows, run.split_seed)
-            results[f"few_shot_{run.few_shot}"] = evaluate_model(model, tokenizer, few, decoding)
+            results[few_name] = clock.evaluation(few_name, evaluate_model(model, tokenizer, few, decoding))
     bench_base = run_on_main(benchmarks, model, tokenizer, out, "base") if run.evaluate_base else None
+    if bench_base:
+        clock.done("benchmarks base", bench_base["seconds"], ", ".join(bench_base["tasks"]))
 
     # 4. train: completion-only loss on the chat-templated answers
     args.include_num_input_tokens_seen = "non_padding"
@@ -152,20 +162,24 @@ def train(config=None) -> RunResult:
     if run.compact_loss and not peft.plain_loss and not peft.prompt_learning:  # virtual tokens shift positions
         trainer_cls = compact_loss_trainer(SFTTrainer)
     train_dataset, _ = _train_dataset(train_rows, run.system_prompt, tokenizer, args.max_length)
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset,
-                          processing_class=tokenizer, peft_config=peft.config, callbacks=peft.callbacks)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                          peft_config=peft.config, callbacks=[*peft.callbacks, clock.callback()])
     trainable, total = trainable_parameters(trainer.model)
     trace_ranks(trainer, out)  # only with $HF_TUNER_RANK_TRACE set (multi-process tests)
     start = time.perf_counter()
     train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
+    clock.done("train", runtime, f"{trainer.state.global_step} steps")
 
     # 5. evaluate the tuned model
-    results["tuned"] = evaluate_model(trainer.model, tokenizer, task, decoding)
+    results["tuned"] = clock.evaluation("tuned", evaluate_model(trainer.model, tokenizer, task, decoding))
     for name, t in other_tasks.items():
-        other[name]["tuned"] = evaluate_model(trainer.model, tokenizer, t, decoding)["metrics"]
+        other[name]["tuned"] = clock.evaluation(f"{name} tuned", evaluate_model(trainer.model, tokenizer, t,
+                                                                                decoding))["metrics"]
 
     bench_tuned = run_on_main(benchmarks, trainer.model, tokenizer, out, "tuned") if bench_base else None
+    if bench_tuned:
+        clock.done("benchmarks tuned", bench_tuned["seconds"], ", ".join(bench_tuned["tasks"]))
 
     # 6. report
     trainer.save_model(str(out / "adapter"))  # rank 0 only, as every write below
@@ -185,6 +199,7 @@ def train(config=None) -> RunResult:
                   "trainable_params": trainable, "trainable_percent": 100 * trainable / total,
                   "peak_rss_mb": peak_rss_mb()},
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},
+        "eval_tokens_per_s": {k: v["generation"]["tokens_per_s"] for k, v in results.items() if "generation" in v},
         "tasks": {"trained": [data.label], "held_out": list(other)},
         "held_out_tasks": other,
     }

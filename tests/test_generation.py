@@ -163,3 +163,29 @@ def test_generation_with_a_lora_adapter_is_merged_and_agrees_with_the_unmerged_a
         unmerged = [tokenizer.decode(t, skip_special_tokens=True).strip()
                     for t in greedy_batched(model, encoded, settings, eos, tokenizer.pad_token_id)]
     assert merged == unmerged
+
+
+@pytest.mark.parametrize("one_prompt", [False, True])
+def test_perplexity_over_a_shared_few_shot_prefix_equals_a_naive_computation(model_and_tokenizer, one_prompt):
+    import math
+
+    from hf_tuner.evaluation import reference_perplexity
+    from hf_tuner.generation import SharedPrefix
+
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 3)
+    answers = [f"a word about {w}" for w in WORDS]
+    if one_prompt:  # every row asks the same: the common prefix runs into the answers, and must stop before
+        prompts = prompts[:1] * len(answers)
+    full = [tokenizer(p + a + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            for p, a in zip(prompts, answers)]
+    assert SharedPrefix(model, full, limit=1000).length > 20  # the shots are shared, and the prefix path runs
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for p, ids in zip(prompts, full):
+            start = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            nll -= sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            n += len(ids) - start
+    assert reference_perplexity(model, tokenizer, prompts, answers, batch_size=4) == pytest.approx(
+        math.exp(nll / n), rel=1e-4)

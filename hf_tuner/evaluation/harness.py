@@ -12,7 +12,8 @@ from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_
 from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
 from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
                                      RegressionTask, RewardTask)
-from hf_tuner.generation import DecodingSettings, generate_batched, is_encoder_decoder, merged_adapter
+from hf_tuner.generation import (DecodingSettings, SharedPrefix, generate_batched, is_encoder_decoder,
+                                 merged_adapter)
 
 
 def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
@@ -26,8 +27,9 @@ def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
 def reference_perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int) -> float:
     """Token-weighted perplexity of each reference (plus the end-of-turn token) given its prompt.
 
-    Rows are left-padded so every reference ends at the last position; the output layer then runs on
-    the last few positions only (`logits_to_keep`), not over long few-shot prompts.
+    The prompts' common prefix (chat template, shots) runs once (`SharedPrefix`); each row's own tokens
+    follow it, left-padded, so every reference ends at the last position and the output layer runs on the
+    last few positions only (`logits_to_keep`), not over long few-shot prompts.
     """
     eos = tokenizer.eos_token or ""
     pairs = []
@@ -36,26 +38,26 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
         full = tokenizer(prompt + ref + eos, add_special_tokens=False)["input_ids"]
         pairs.append((full, len(full) - n_prompt))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
+    # the prefix stops before every prompt's last token (it predicts the answer's first); virtual-token
+    # (prompt learning) models bring their own cache: no shared prefix there
+    prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
+    limit = 0 if prompt_learning else max(min(len(ids) - n_ref for ids, n_ref in pairs) - 1, 0)
     try:
+        prefix = SharedPrefix(model, [ids for ids, _ in pairs], limit=limit)
         for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", unit="batch", leave=False):
             batch = pairs[start:start + batch_size]
-            width = max(len(ids) for ids, _ in batch)
             keep = max(n_ref for _, n_ref in batch) + 1  # +1: the last prompt token predicts the first answer token
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
+            inputs = prefix.batch([ids for ids, _ in batch], pad_id)
+            if not prefix.length:
+                inputs.pop(prefix.arg), inputs.pop("use_cache")
             labels = torch.full((len(batch), keep), -100, dtype=torch.long)
             for row, (ids, n_ref) in enumerate(batch):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
                 labels[row, keep - n_ref:] = torch.tensor(ids[len(ids) - n_ref:])
-            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                           position_ids=position_ids.to(device), logits_to_keep=keep).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            logits = model(**inputs, logits_to_keep=keep).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
             loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                                      shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
             nll += loss.item()
@@ -150,14 +152,18 @@ def _evaluate_classification(model, tokenizer, task: ClassificationTask, setting
         unparsed = 0
     else:  # a causal LM answers with a label word
         prompts = [_prompt_text(tokenizer, task.messages(row), model) for row in task.rows]
-        texts = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
+        stats: dict = {}
+        texts = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}", stats=stats)
         predictions = [task.parse_label(t) for t in texts]
         unparsed = sum(p is None for p in predictions)
         # An answer that names no label counts as wrong: score it as a label no reference has.
         predictions = ["<none>" if p is None else p for p in predictions]
     metrics = label_metrics(predictions, references, task.metrics, task.average, labels=list(task.labels))
     metrics["unparsed"] = float(unparsed)
-    return {"metrics": metrics, "predictions": texts, "references": [str(r) for r in references]}
+    result = {"metrics": metrics, "predictions": texts, "references": [str(r) for r in references]}
+    if not _is_classifier(model):
+        result["generation"] = stats
+    return result
 
 
 def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = None) -> dict:
@@ -192,13 +198,18 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
     metrics: dict[str, float] = {}
     predictions: list[str] = []
     wanted_text = [m for m in task.metrics if m in TEXT_METRICS]
+    stats: dict = {}
     if wanted_text:
-        predictions = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}")
+        predictions = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}",
+                                       stats=stats)
         metrics.update(text_metrics(predictions, references, wanted_text))
     if "perplexity" in task.metrics:
         score = seq2seq_reference_perplexity if is_encoder_decoder(model) else reference_perplexity
         metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size)
-    return {"metrics": metrics, "predictions": predictions, "references": references}
+    result = {"metrics": metrics, "predictions": predictions, "references": references}
+    if stats:
+        result["generation"] = stats
+    return result
 
 
 @torch.no_grad()
