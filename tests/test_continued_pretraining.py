@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_loss_falls, assert_run_files, logged_losses
 from hf_tuner.config import ConfigError
 from recipes.continued_pretraining import train
 
@@ -31,7 +32,7 @@ def _config(tmp_path, general, **overrides):
 
 
 def _losses(result):
-    return [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
+    return logged_losses(result.output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,7 @@ def mlm_run(tmp_path_factory, general_text):
 def test_loss_falls_and_domain_perplexity_improves(run_name, request):
     result = request.getfixturevalue(run_name)
     losses = _losses(result)
-    assert len(losses) == 24
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+    assert_loss_falls(losses, steps=24, window=4, by=0.3)
     assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"]
     assert result.metrics["summary"]["domain_perplexity_change_pct"] < 0
 
@@ -59,8 +59,7 @@ def test_loss_falls_and_domain_perplexity_improves(run_name, request):
 @pytest.mark.parametrize("run_name", ["clm_run", "mlm_run"])
 def test_run_folder_is_complete(run_name, request):
     result = request.getfixturevalue(run_name)
-    for name in RUN_FILES:
-        assert (result.output_dir / name).exists(), name
+    assert_run_files(result.output_dir, RUN_FILES)
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"base", "baselines", "tuned", "train"}
     (general,) = metrics["held_out_tasks"].values()

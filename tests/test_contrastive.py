@@ -1,10 +1,9 @@
-import json
 import math
 
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import assert_loss_falls, assert_run_files, logged_losses, write_jsonl
 from hf_tuner.config import ConfigError
 from hf_tuner.contrastive import info_nce_loss, mean_pool, retrieval_metrics
 from hf_tuner.data import DataError
@@ -75,15 +74,12 @@ def test_recipe_trains_an_embedding_that_retrieves_better_and_reloads(tmp_path, 
     from hf_tuner.contrastive import encode
 
     result = train(_config(tmp_path, pairs_file))
-    history = json.loads((result.output_dir / "log_history.json").read_text())
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert_loss_falls(logged_losses(result.output_dir), window=5, by=0.3)
     m = result.metrics
     assert m["tuned"]["mrr"] > m["base"]["mrr"] + 0.1, m
     assert m["train"]["eval_pairs"] == 16 and m["train"]["train_pairs"] == len(NOUNS) - 16
-    for name in ("metrics.json", "report.md", "config.yaml", "model/config.json", "model/model.safetensors",
-                 "model/tokenizer.json"):
-        assert (result.output_dir / name).exists(), name
+    assert_run_files(result.output_dir, ("metrics.json", "report.md", "config.yaml", "model/config.json",
+                                         "model/model.safetensors", "model/tokenizer.json"))
     assert "recall@10" in (result.output_dir / "report.md").read_text()
     texts = ["apple", "a thing people keep"]
     reloaded = AutoModel.from_pretrained(result.output_dir / "model")

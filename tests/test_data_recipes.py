@@ -7,7 +7,7 @@ import json
 import pytest
 from datasets import Dataset
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, assert_loss_falls, logged_losses, write_jsonl
 from hf_tuner.config import ConfigError
 from hf_tuner.data import DataError
 from test_data_sources import CHAT, CONFIGS, LM_TEXT, PC_STD, PROMPTS_CONV, make_repo
@@ -19,10 +19,6 @@ COMMON = {"save_strategy": "no", "report_to": [], "bf16": False, "seed": 0, "num
 def repo(tmp_path_factory):
     return make_repo(tmp_path_factory.mktemp("repo") / "my-dataset",
                      {**CONFIGS, "chat": CHAT * 2, "prompts_conv": PROMPTS_CONV})
-
-
-def _losses(run_dir, name="log_history.json"):
-    return [h["loss"] for h in json.loads((run_dir / name).read_text()) if "loss" in h]
 
 
 def _sft(tmp_path, **overrides):
@@ -54,8 +50,8 @@ def test_sft_instruction_from_a_repo_folder_multi_turn_with_its_test_split(tmp_p
     assert result.metrics["train"]["eval_examples"] == 4
     held = [json.loads(line)["prompt"] for line in (result.output_dir / "generations.jsonl").read_text().splitlines()]
     assert held == [CHAT[i]["messages"][2]["content"] for i in range(4)]  # the last user turn of each test row
-    losses = _losses(result.output_dir)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    losses = logged_losses(result.output_dir)
+    assert_loss_falls(losses, window=3)
 
 
 def test_sft_instruction_streams_with_max_steps(tmp_path, tiny_llama):
@@ -109,7 +105,7 @@ def test_dpo_from_a_repo_folder(tmp_path, repo, tiny_llama):
                     "per_device_train_batch_size": 4, "max_steps": 6, "learning_rate": 1e-2, "eval_batch_size": 4,
                     "gradient_checkpointing": False, **COMMON})
     assert result.metrics["train"]["eval_prompts"] == 4  # the test split's prompts
-    losses = _losses(result.output_dir, "rl_history.json")
+    losses = logged_losses(result.output_dir, "rl_history.json")
     assert losses[-1] < losses[0], losses
 
 

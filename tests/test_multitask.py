@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import write_vader_folder
+from conftest import assert_loss_falls, assert_run_files, logged_losses, write_vader_folder
 from hf_tuner.config import ConfigError
 from recipes.multitask import train
 
@@ -34,9 +34,8 @@ def finished_run(tmp_path_factory, vader):
 
 
 def test_loss_falls_and_every_task_learns(finished_run):
-    losses = [h["loss"] for h in json.loads((finished_run.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert len(losses) == 60
-    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
+    losses = logged_losses(finished_run.output_dir)
+    assert_loss_falls(losses, steps=60, window=10, factor=0.7)
     base, tuned = finished_run.metrics["base"], finished_run.metrics["tuned"]
     assert tuned["polarity/accuracy"] > base["polarity/accuracy"]
     assert tuned["source/accuracy"] > base["source/accuracy"]
@@ -44,8 +43,7 @@ def test_loss_falls_and_every_task_learns(finished_run):
 
 
 def test_run_folder_is_complete_with_single_task_baselines(finished_run):
-    for name in RUN_FILES:
-        assert (finished_run.output_dir / name).exists(), name
+    assert_run_files(finished_run.output_dir, RUN_FILES)
     metrics = json.loads((finished_run.output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"base", "baselines", "tuned", "train"}
     single = metrics["baselines"]["single-task, same budget"]

@@ -1,8 +1,7 @@
-import json
-
 import pytest
 
-from conftest import NEGATIVE, NOUNS, POSITIVE, write_jsonl, write_vader_folder
+from conftest import (NEGATIVE, NOUNS, POSITIVE, assert_loss_falls, assert_run_files, logged_losses, write_jsonl,
+                      write_vader_folder)
 from hf_tuner.data import DataError
 from hf_tuner.data.preferences import load_preferences, rating_pairs, read_preference_file
 from recipes.reward_model import train
@@ -31,10 +30,10 @@ def test_reward_model_learns_a_separable_preference_set(finished_run):
     metrics = finished_run.metrics
     assert metrics["tuned"]["pairwise_accuracy"] == 1.0
     assert metrics["tuned"]["mean_margin"] > metrics["base"]["mean_margin"] + 1.0
-    losses = [h["loss"] for h in json.loads((finished_run.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
-    for name in ("metrics.json", "report.md", "reward_distribution.png", "model/config.json"):
-        assert (finished_run.output_dir / name).exists(), name
+    losses = logged_losses(finished_run.output_dir)
+    assert_loss_falls(losses, window=5, by=0.3)
+    assert_run_files(finished_run.output_dir, ("metrics.json", "report.md", "reward_distribution.png",
+                                               "model/config.json"))
     assert set(metrics["bias"]) == {"base (untrained head)", "tuned"}  # counterfactual bias checks, both models
     assert metrics["bias"]["tuned"]["kind"] == "reward" and "names" in metrics["bias"]["tuned"]["dimensions"]
     assert "Counterfactual bias checks" in (finished_run.output_dir / "report.md").read_text()

@@ -3,14 +3,12 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import WORDS, assert_loss_falls, assert_run_files, logged_losses, write_jsonl
 from hf_tuner.config import ConfigError
 from recipes.seq2seq import train
 
 RUN_FILES = ["config.yaml", "metrics.json", "report.md", "log_history.json", "loss.png", "metrics.png",
              "model/config.json", "model/model.safetensors", "model/tokenizer_config.json"]
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "bread", "chair", "glass", "music",
-         "paper", "forest", "window", "garden", "silver", "candle", "mirror", "bridge", "island", "thunder"]
 
 
 def _config(tmp_path, data, **overrides):
@@ -38,15 +36,14 @@ def finished_run(tmp_path_factory, data):
 def test_loss_falls_and_rouge_improves(finished_run):
     history = json.loads((finished_run.output_dir / "log_history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    assert_loss_falls(losses, steps=40, window=5, by=1.0)
     assert [h for h in history if "eval_rougeL" in h and "eval_bleu" in h]  # predict_with_generate evaluation
     base, tuned = finished_run.metrics["base"], finished_run.metrics["tuned"]
     assert tuned["rougeL"] > base["rougeL"] and tuned["perplexity"] < base["perplexity"]
 
 
 def test_run_folder_is_complete(finished_run):
-    for name in RUN_FILES:
-        assert (finished_run.output_dir / name).exists(), name
+    assert_run_files(finished_run.output_dir, RUN_FILES)
     metrics = json.loads((finished_run.output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"base", "baselines", "tuned", "train"}
     for part in ("base", "tuned"):
@@ -90,8 +87,8 @@ def test_no_held_out_word_is_trained_on(tmp_path, data):
 
 def test_lora_trains_a_t5_adapter(tmp_path, data):
     result = train(_config(tmp_path, data, peft_method="lora", max_steps=10, eval_strategy="no", learning_rate=1e-2))
-    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    losses = logged_losses(result.output_dir)
+    assert_loss_falls(losses, window=3)
     assert (result.output_dir / "model" / "adapter_config.json").is_file()
 
 

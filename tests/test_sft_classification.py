@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_vader_folder
+from conftest import assert_loss_falls, assert_run_files, logged_losses, write_vader_folder
 from hf_tuner.config import ConfigError
 from recipes.sft_classification import train
 
@@ -35,9 +35,8 @@ def finished_run(tmp_path_factory, vader):
 
 def test_loss_falls_and_accuracy_beats_the_untrained_head(finished_run):
     result, _ = finished_run
-    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert len(losses) == 80
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses
+    losses = logged_losses(result.output_dir)
+    assert_loss_falls(losses, steps=80, window=5, by=0.2)
     assert result.metrics["tuned"]["accuracy"] >= 0.8
     # the untrained head on the same held-out rows (16, balanced) is a coin toss or worse
     assert result.metrics["tuned"]["accuracy"] >= result.metrics["base"]["accuracy"] + 0.2, result.metrics
@@ -45,8 +44,7 @@ def test_loss_falls_and_accuracy_beats_the_untrained_head(finished_run):
 
 def test_run_folder_is_complete(finished_run):
     result, _ = finished_run
-    for name in RUN_FILES:
-        assert (result.output_dir / name).exists(), name
+    assert_run_files(result.output_dir, RUN_FILES)
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert set(metrics) >= {"base", "baselines", "tuned", "train"}
     assert set(metrics["baselines"]) == {"tiny-llama zero_shot", "tiny-llama few_shot_2"}

@@ -3,14 +3,13 @@
 Marked slow: `make test-slow` (pytest -m slow) runs them; the default suite leaves them out.
 """
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, assert_loss_falls, logged_losses, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +34,8 @@ def test_sft_instruction_on_smollm2_loss_falls_and_adapter_reloads(tmp_path):
                     "learning_rate": 3e-3, "lr_scheduler_type": "constant", "lora_r": 8, "max_length": 48,
                     "logging_steps": 1, "save_strategy": "no", "report_to": [], "gradient_checkpointing": False,
                     "bf16": False, "seed": 0, "num_threads": 2})
-    losses = [h["loss"] for h in json.loads((result.output_dir / "log_history.json").read_text()) if "loss" in h]
-    assert len(losses) == 8
-    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    losses = logged_losses(result.output_dir)
+    assert_loss_falls(losses, steps=8, window=2, factor=0.7)
     assert result.metrics["tuned"]["perplexity"] < result.metrics["base"]["perplexity"], result.metrics
 
     batch = result.tokenizer(["Define the word 'lamp'.", "a kind of"], return_tensors="pt", padding=True)
