@@ -141,3 +141,37 @@ def test_dpo_reports_benchmarks_and_a_non_lm_recipe_names_the_field(tmp_path, to
 
     parse_config(TrainingArguments, {"held_out_benchmarks": ["toy_fruit"], "output_dir": str(tmp_path / "o")})
     assert "`held_out_benchmarks: ['toy_fruit']` is not used by this recipe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_prefix_sharing_model_call_gives_hflm_s_log_likelihoods(tiny_llama, batch_size, monkeypatch):
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from hf_tuner.evaluation.lm_eval_model import PrefixSharingHFLM
+    from hf_tuner.models import load_model
+
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    with torch.no_grad():  # wider weights, so log-likelihoods differ from row to row
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    contexts = [f"Q: Is {w} a fruit, a stone or a river?\nA:" for w in WORDS[:6]]
+    choices = [" yes", " no it is not", " a kind of stone", " maybe"]
+    requests = []
+    for context in contexts:
+        for choice in choices:
+            ctx, cont = tokenizer(context)["input_ids"], tokenizer(choice)["input_ids"]
+            requests.append(((context, choice), ctx, cont))
+    ctx0 = tokenizer(contexts[0])["input_ids"]
+    requests.append((("", ""), ctx0 + [0], [0, 5, 0]))  # an input that itself ends with HFLM's pad id 0
+    plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)._loglikelihood_tokens(requests)
+    shared = PrefixSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    calls = []
+    original = PrefixSharingHFLM._scored_logits
+    monkeypatch.setattr(PrefixSharingHFLM, "_scored_logits", lambda self, *a: calls.append(1) or original(self, *a))
+    ours = shared._loglikelihood_tokens(requests)
+    assert calls  # the shared-context path ran, not HFLM's own call
+    assert [g for _, g in ours] == [g for _, g in plain]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
+    assert len({round(ll, 3) for ll, _ in plain}) > len(requests) // 2  # the rows do differ

@@ -148,8 +148,8 @@ class Benchmarks:
         """lm-eval on the in-memory model: {task: {acc, acc_stderr, n, correct: [0/1 by doc_id]}}, plus the
         seconds; lm-eval's results JSON (with stderr; per-item samples alongside) is written to `output`."""
         from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
 
+        from hf_tuner.evaluation.lm_eval_model import PrefixSharingHFLM
         from hf_tuner.generation import merged_adapter
 
         start = time.perf_counter()
@@ -157,7 +157,7 @@ class Benchmarks:
         model.eval()
         try:
             with merged_adapter(model):  # a LoRA-family adapter scored merged: one matmul per layer
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+                lm = PrefixSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
                 result = simple_evaluate(model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot,
                                          limit=self.limit, task_manager=self.task_manager(), log_samples=True,
                                          random_seed=0, numpy_random_seed=0, torch_random_seed=0,
