@@ -189,3 +189,16 @@ def test_perplexity_over_a_shared_few_shot_prefix_equals_a_naive_computation(mod
             n += len(ids) - start
     assert reference_perplexity(model, tokenizer, prompts, answers, batch_size=4) == pytest.approx(
         math.exp(nll / n), rel=1e-4)
+
+
+def test_perplexity_batches_keep_every_row_in_length_order_within_the_logit_budget(monkeypatch):
+    from hf_tuner.evaluation import harness
+
+    pairs = [([1] * n, ref) for n, ref in [(9, 2), (3, 1), (7, 6), (5, 1), (4, 3), (8, 1)]]
+    monkeypatch.setattr(harness, "LOGIT_BUDGET", 4 * 10 * 8)  # 8 floats of vocab 10: rows x (ref + 1) <= 8
+    batches = harness._logit_batches(pairs, batch_size=3, vocab=10)
+    assert sorted(p for b in batches for p in b) == sorted(pairs)
+    assert [len(p[0]) for b in batches for p in b] == [3, 4, 5, 7, 8, 9]
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * max(r + 1 for _, r in b) <= 8)
+    assert len(harness._logit_batches(pairs, batch_size=3, vocab=1)) == 2  # a small vocabulary: batch_size rules

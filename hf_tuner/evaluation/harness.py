@@ -47,8 +47,8 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     limit = 0 if prompt_learning else max(min(len(ids) - n_ref for ids, n_ref in pairs) - 1, 0)
     try:
         prefix = SharedPrefix(model, [ids for ids, _ in pairs], limit=limit)
-        for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", unit="batch", leave=False):
-            batch = pairs[start:start + batch_size]
+        for batch in tqdm(_logit_batches(pairs, batch_size, len(tokenizer)), desc="perplexity", unit="batch",
+                          leave=False):
             keep = max(n_ref for _, n_ref in batch) + 1  # +1: the last prompt token predicts the first answer token
             inputs = prefix.batch([ids for ids, _ in batch], pad_id)
             if not prefix.length:
@@ -65,6 +65,23 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     finally:
         model.train(was_training)
     return math.exp(nll / max(count, 1))
+
+
+LOGIT_BUDGET = 64 * 2 ** 20  # bytes of fp32 logits per perplexity batch (the cross-entropy holds a copy too)
+
+
+def _logit_batches(pairs: list[tuple[list[int], int]], batch_size: int, vocab: int) -> list[list]:
+    """Rows in length order (less padding), at most `batch_size` per batch and fewer where the scored
+    positions x vocabulary would pass LOGIT_BUDGET: a 49k vocabulary makes logits, not weights, the peak."""
+    batches, batch, widest = [], [], 0
+    for pair in sorted(pairs, key=lambda p: len(p[0])):
+        wide = max(widest, pair[1] + 1)
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * wide * vocab * 4 > LOGIT_BUDGET):
+            batches.append(batch)
+            batch, wide = [], pair[1] + 1
+        batch.append(pair)
+        widest = wide
+    return batches + ([batch] if batch else [])
 
 
 def _is_classifier(model) -> bool:
