@@ -127,12 +127,13 @@ rlhf-compare: assets
 	$(PY) -m hf_tuner.cli compare runs/rlhf-compare-$(RUN_ID)/* --output runs/rlhf-compare-$(RUN_ID)/comparison.md
 
 # Benchmarks print their figures and write JSON next to them; not part of the test suite.
-# make bench: generation (batched vs per-example loop), then SFT throughput ours vs TRL defaults (A B A B x 3,
-# matmul peak); JSON + Markdown in $(BENCH_DIR). BENCH_ARGS="--model tiny-llama" for a quick run.
+# make bench: generation (roofline, evaluation levers on the demo's prompts), then SFT throughput ours vs TRL
+# defaults vs TRL with our settings (A B C x 3, matmul peak); JSON + Markdown in $(BENCH_DIR).
+# BENCH_ARGS="--model tiny-llama" for a quick run.
 BENCH_DIR ?= runs/bench
 bench: assets
 	mkdir -p $(BENCH_DIR)
-	$(PY) benchmarks/bench_generation.py --output $(BENCH_DIR)/bench_generation.json $(GEN_ARGS)
+	$(PY) benchmarks/bench_generation.py --output $(BENCH_DIR)/bench_generation $(GEN_ARGS)
 	$(PY) benchmarks/bench_sft.py --output_dir $(BENCH_DIR) --generation_json $(BENCH_DIR)/bench_generation.json \
 		$(BENCH_ARGS)
 
