@@ -187,6 +187,21 @@ def _generate(model, encoded, settings, pad_id, seq2seq, desc):
     return outputs
 
 
+KV_BUDGET = 512 * 2 ** 20  # bytes of key/value cache per generation batch (every row holds its copy of the prefix)
+
+
+def kv_rows(model, length: int, batch_size: int) -> int:
+    """`batch_size`, or fewer rows where `length` tokens of cache per row would pass KV_BUDGET (long few-shot
+    prompts; larger models)."""
+    config = getattr(model, "config", None)
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_key_value_heads", None)
+    if not layers or not heads:
+        return batch_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * layers * heads * head_dim * next(model.parameters()).element_size()
+    return max(1, min(batch_size, KV_BUDGET // (per_token * length)))
+
+
 class SharedPrefix:
     """The key/value cache of the tokens every prompt starts with (chat template, system prompt, few-shot
     turns), computed once; `batch` lays out rows that continue it. `transformers` has no batched form of
@@ -248,8 +263,9 @@ def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, 
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     bar = tqdm(total=len(encoded), desc=desc, unit="prompt", leave=False)
     start_time, produced = time.perf_counter(), 0
-    for start in range(0, len(order), settings.batch_size):
-        idx = order[start:start + settings.batch_size]
+    rows = kv_rows(model, max(len(e) for e in encoded) + settings.max_new_tokens, settings.batch_size)
+    for start in range(0, len(order), rows):
+        idx = order[start:start + rows]
         inputs = prefix.batch([encoded[i] for i in idx], pad_id)
         cache = inputs.pop(prefix.arg)
         input_ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]

@@ -202,3 +202,13 @@ def test_perplexity_batches_keep_every_row_in_length_order_within_the_logit_budg
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(r + 1 for _, r in b) <= 8)
     assert len(harness._logit_batches(pairs, batch_size=3, vocab=1)) == 2  # a small vocabulary: batch_size rules
+
+
+def test_generation_batches_shrink_to_the_key_value_budget(model_and_tokenizer, monkeypatch):
+    from hf_tuner import generation
+
+    model, _ = model_and_tokenizer  # 2 layers x 2 key/value heads x 16 dims x fp32 x (key, value): 512 bytes a token
+    assert generation.kv_rows(model, 100, 64) == 64
+    monkeypatch.setattr(generation, "KV_BUDGET", 512 * 100 * 5)
+    assert generation.kv_rows(model, 100, 64) == 5 and generation.kv_rows(model, 10, 16) == 16
+    assert generation.kv_rows(model, 10 ** 6, 16) == 1
