@@ -76,16 +76,18 @@ class RunArguments:
                 "and bbh-bigbench-quick, or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
     benchmark_include_path: str | None = field(default=None, metadata={
         "help": "a folder of your own lm-eval task YAMLs, whose tasks held_out_benchmarks can then name"})
-    benchmark_batch_size: int = field(default=4, metadata={
-        "help": "batch size of the held-out benchmarks; lm-eval holds batch x length x vocabulary log-probs at once "
-                "(SmolLM2: about 20 MB per 100-token row), so a small batch keeps the peak memory down on CPU"})
+    benchmark_batch_size: int = field(default=16, metadata={
+        "help": "batch size of the held-out benchmarks (rows of context + choice); each distinct context runs once "
+                "per batch and only the scored positions reach the output layer (hf_tuner/evaluation/lm_eval_model.py)"})
     benchmark_num_fewshot: int = field(default=0, metadata={"help": "few-shot examples in the held-out benchmarks"})
     benchmark_limit: int | None = field(default=None, metadata={
         "help": "items per benchmark task (None: all; bbh-bigbench-quick alone: its own limit of 100)"})
     evaluate_base: bool = field(default=True, metadata={
         "help": "evaluate the base model and its baselines before training (off only for sweeps that share one base)"})
     few_shot: int = field(default=3, metadata={"help": "examples in the few-shot baseline prompt (0: no baseline)"})
-    eval_batch_size: int = field(default=16, metadata={"help": "batch size of generation and perplexity"})
+    eval_batch_size: int = field(default=64, metadata={
+        "help": "batch size of generation, perplexity and classification; greedy generation takes fewer rows where "
+                "their key/value cache would pass 512 MB, perplexity where its logits would pass 64 MB"})
     eval_max_new_tokens: int = field(default=48, metadata={"help": "new tokens generated per held-out prompt"})
     system_prompt: str | None = field(default=None, metadata={"help": "system message; None keeps the template's"})
     report_examples: int = field(default=5, metadata={"help": "example generations shown in report.md"})
