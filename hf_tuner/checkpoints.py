@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from hf_tuner.config import ConfigError
+from hf_tuner.devices import release_memory
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
@@ -228,6 +229,7 @@ def train_resumable(trainer, run, output_dir: Path):
         trainer.remove_callback(stop)
         stop.restore()  # a second signal's KeyboardInterrupt skips on_train_end, which restores them otherwise
         full_state_dict_for_final_save(trainer)
+        release_memory()  # the evaluations that follow start from what they need, not from training's peak
     if stop.signum:
         raise RunInterrupted(stop.signum, trainer.state.global_step, last_complete_checkpoint(output_dir))
     return result

@@ -46,3 +46,22 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the OS after training (glibc's malloc_trim): training's activations are
+    freed by then, but glibc keeps the pages in each thread's arena, so the evaluations after it would start
+    from training's peak. True when malloc_trim ran."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "malloc_trim"):  # musl, macOS: no such call
+        return False
+    libc.malloc_trim(0)
+    return True

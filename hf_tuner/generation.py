@@ -48,8 +48,12 @@ def is_encoder_decoder(model) -> bool:
 
 def _fast_greedy_blocker(model, settings: DecodingSettings) -> str | None:
     """Why the fast greedy loop cannot stand in for `model.generate` here, or None when it can."""
-    if not settings.fast_greedy or settings.strategy != "greedy":
+    if settings.strategy != "greedy":
         return "not greedy"
+    if not settings.fast_greedy:
+        return "fast_greedy off"
+    if _sharded(model):  # ZeRO-3 / FSDP gather weights collectively: `generate(synced_gpus=...)` keeps ranks in step
+        return "sharded parameters"
     if is_encoder_decoder(model):
         return "an encoder-decoder"
     if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
@@ -60,6 +64,10 @@ def _fast_greedy_blocker(model, settings: DecodingSettings) -> str | None:
         if value not in (default, None):
             return f"generation_config.{field}={value!r}"
     return None
+
+
+def _sharded(model) -> bool:
+    return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -108,7 +116,7 @@ def merged_adapter(model):
            and not model.active_peft_config.is_prompt_learning
            and not getattr(model, "is_quantized", False)
            and not getattr(getattr(model, "config", None), "quantization_config", None)
-           and not any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
+           and not _sharded(model)
            and not _adapter_merged_or_disabled(model))
     if not can:
         yield model

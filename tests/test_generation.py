@@ -97,6 +97,7 @@ def test_a_checkpoint_setting_that_changes_greedy_picks_goes_through_generate(mo
         model.generation_config.repetition_penalty = 1.0
     assert penalised == via_generate and penalised != plain
     assert _fast_greedy_blocker(model, DecodingSettings(strategy="top_p")) == "not greedy"
+    assert _fast_greedy_blocker(model, DecodingSettings(fast_greedy=False)) == "fast_greedy off"
 
 
 def test_common_prefix_leaves_every_prompt_a_token_to_prefill():
@@ -212,3 +213,18 @@ def test_generation_batches_shrink_to_the_key_value_budget(model_and_tokenizer, 
     monkeypatch.setattr(generation, "KV_BUDGET", 512 * 100 * 5)
     assert generation.kv_rows(model, 100, 64) == 5 and generation.kv_rows(model, 10, 16) == 16
     assert generation.kv_rows(model, 10 ** 6, 16) == 1
+
+
+def test_sharded_parameters_are_decoded_by_generate_and_not_merged(model_and_tokenizer, tiny_llama):
+    model, _ = model_and_tokenizer
+    weight = next(model.parameters())
+    weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    try:
+        assert _fast_greedy_blocker(model, DecodingSettings()) == "sharded parameters"
+    finally:
+        del weight.ds_id
+    assert _fast_greedy_blocker(model, DecodingSettings()) is None
+    lora, _ = _lora_model(tiny_llama)
+    next(lora.parameters()).ds_id = 7
+    with merged_adapter(lora):
+        assert not lora.base_model.model.model.layers[0].self_attn.q_proj.merged
