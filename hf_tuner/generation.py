@@ -133,6 +133,29 @@ def merged_adapter(model):
         tuner.unmerge_adapter()
 
 
+@contextmanager
+def unwrapped_forward(model):
+    """Run `model` without the autocast wrapper that accelerate's `prepare` puts on `model.forward` under mixed
+    precision (its original is kept as `model._original_forward`). The Trainer leaves it on after training, so
+    a tuned model would otherwise be evaluated in bf16 while its base, loaded plainly, was evaluated in fp32."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
+
+
+@contextmanager
+def for_inference(model):
+    """The model as every evaluation runs it: the adapter merged where it can be, at the precision it was loaded in."""
+    with unwrapped_forward(model), merged_adapter(model):
+        yield model
+
+
 @torch.no_grad()
 def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSettings, desc: str = "generate",
                      stats: dict | None = None):
@@ -153,7 +176,7 @@ def generate_batched(model, tokenizer, prompts: list[str], settings: DecodingSet
     was_training = model.training
     model.eval()
     try:
-        with merged_adapter(model):
+        with for_inference(model):
             if _fast_greedy_blocker(model, settings) is None and encoded:
                 new_tokens = greedy_batched(model, encoded, settings, _eos_ids(model, tokenizer), pad_id, desc)
             else:

@@ -228,3 +228,32 @@ def test_sharded_parameters_are_decoded_by_generate_and_not_merged(model_and_tok
     next(lora.parameters()).ds_id = 7
     with merged_adapter(lora):
         assert not lora.base_model.model.model.layers[0].self_attn.q_proj.merged
+
+
+def test_a_model_prepared_for_bf16_training_is_evaluated_as_loaded(tiny_llama):
+    """accelerate's prepare (mixed precision) wraps forward in autocast and the Trainer leaves it on: the tuned
+    model must still be evaluated at the precision of its base, or the comparison mixes bf16 and fp32."""
+    from accelerate import Accelerator
+
+    from hf_tuner.evaluation import GenerationTask, evaluate_model
+
+    model, tokenizer = _lora_model(tiny_llama)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    task = GenerationTask("t", [{"prompt": [{"role": "user", "content": f"Define {w}"}], "completion":
+                                 [{"role": "assistant", "content": f"a {w}"}]} for w in WORDS])
+    settings = DecodingSettings(max_new_tokens=8, batch_size=4)
+    plain = evaluate_model(model, tokenizer, task, settings)
+    prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    assert "_original_forward" in prepared.__dict__  # the autocast wrapper is on
+    prompts = [tokenizer.apply_chat_template(task.messages(r), tokenize=False, add_generation_prompt=True)
+               for r in task.rows]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = generate_batched(prepared, tokenizer, prompts, settings)
+    assert in_bf16 != plain["predictions"]  # bf16 does change this model's greedy answers ...
+    again = evaluate_model(prepared, tokenizer, task, settings)
+    assert again["predictions"] == plain["predictions"]  # ... and the prepared model is still scored in fp32
+    assert again["metrics"]["perplexity"] == pytest.approx(plain["metrics"]["perplexity"], rel=1e-5)
+    assert "_original_forward" in prepared.__dict__ and prepared.forward != prepared._original_forward

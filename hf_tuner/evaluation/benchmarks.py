@@ -150,13 +150,13 @@ class Benchmarks:
         from lm_eval import simple_evaluate
 
         from hf_tuner.evaluation.lm_eval_model import PrefixSharingHFLM
-        from hf_tuner.generation import merged_adapter
+        from hf_tuner.generation import for_inference
 
         start = time.perf_counter()
         was_training = model.training
         model.eval()
         try:
-            with merged_adapter(model):  # a LoRA-family adapter scored merged: one matmul per layer
+            with for_inference(model):  # fp32 as loaded; a LoRA-family adapter merged: one matmul per layer
                 lm = PrefixSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
                 result = simple_evaluate(model=lm, tasks=self.tasks, num_fewshot=self.num_fewshot,
                                          limit=self.limit, task_manager=self.task_manager(), log_samples=True,
