@@ -208,3 +208,74 @@ def save_pretrained_gathered(model, path, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     wait_for_everyone()
+
+
+# ---- evaluation split across ranks: each rank runs its share, every rank gets every row back ----
+
+def parameters_sharded(model) -> bool:
+    """Whether an engine shards the model's parameters across the ranks (FSDP's flat parameters, FSDP2's DTensors,
+    DeepSpeed ZeRO-3's partitions): then every forward gathers them collectively, and every rank must run the same
+    forwards."""
+    if any(module.__class__.__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") or type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters())
+
+
+class EvalShard:
+    """This process's share of an evaluation: rank `rank` of `world`. `rows(n)` picks every world-th item
+    (rows, or whole batches of rows) from `rank`, so the shares differ by at most one; `gather_rows` puts every
+    rank's outputs back in item order, on every rank. With world 1 both hand back what they are given, and
+    nothing is communicated."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    def __repr__(self) -> str:
+        return f"EvalShard(rank={self.rank}, world={self.world})"
+
+    def rows(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def all_gather(self, obj) -> list:
+        """`obj` from every rank, in rank order. Collective: every rank must call it, in the same order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        parts = [None] * self.world
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def gather_rows(self, n: int, indices: list[int], values: list) -> list:
+        """The n values of all ranks in item order (this rank holds `values` for `indices`). Collective."""
+        if self.world == 1:
+            return list(values)
+        missing = object()
+        out = [missing] * n
+        for idx, vals in self.all_gather((list(indices), list(values))):
+            for i, v in zip(idx, vals):
+                out[i] = v
+        lost = [i for i, v in enumerate(out) if v is missing]
+        if lost:
+            raise RuntimeError(f"evaluation over {self.world} ranks: no rank returned items {lost[:10]} of {n}")
+        return out
+
+
+SINGLE = EvalShard()
+
+
+def evaluation_shard(model) -> EvalShard:
+    """How `evaluate_model` splits its rows: by rank when torch.distributed is up with several ranks, else
+    SINGLE (one process evaluates everything, as before).
+
+    A model whose parameters an engine shards (FSDP, FSDP2, DeepSpeed ZeRO-3) is evaluated whole on every rank,
+    as before: each of its forwards is a collective, so every rank must run the same number of them, and greedy
+    generation stops a batch when its rows end, which depends on the rows. Padding the shares to equal length
+    would not make the generation steps equal. Plain DDP and unwrapped models have no collective in a forward."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return SINGLE
+    if parameters_sharded(model):
+        return SINGLE
+    return EvalShard(dist.get_rank(), dist.get_world_size())

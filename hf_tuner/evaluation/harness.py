@@ -1,4 +1,10 @@
-"""The shared harness: every recipe evaluates the base and the tuned model through `evaluate_model`."""
+"""The shared harness: every recipe evaluates the base and the tuned model through `evaluate_model`.
+
+Under a multi-process launch (torch.distributed up, world size > 1) each rank evaluates its share of the
+rows and every rank gets all of them back (hf_tuner.distributed.EvalShard), so the metrics are computed from
+the same rows, in the same order, as in one process. Batched forwards (classifier logits, perplexity) are
+shared out by whole batches: each batch is the one a single process runs, so its numbers are bit-identical.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from hf_tuner.distributed import SINGLE, EvalShard, evaluation_shard
 from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_metrics, text_metrics
 from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
 from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
                                      RegressionTask, RewardTask)
-from hf_tuner.generation import (DecodingSettings, SharedPrefix, generate_batched, is_encoder_decoder,
-                                 merged_adapter)
+from hf_tuner.generation import (DECODING_PRESETS, DecodingSettings, SharedPrefix, generate_batched,
+                                 is_encoder_decoder, merged_adapter)
 
 
 def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
@@ -24,12 +31,15 @@ def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
 
 
 @torch.no_grad()
-def reference_perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int) -> float:
+def reference_perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int,
+                         shard: EvalShard = SINGLE) -> float:
     """Token-weighted perplexity of each reference (plus the end-of-turn token) given its prompt.
 
     The prompts' common prefix (chat template, shots) runs once (`SharedPrefix`); each row's own tokens
     follow it, left-padded, so every reference ends at the last position and the output layer runs on the
     last few positions only (`logits_to_keep`), not over long few-shot prompts.
+    `shard`: this rank runs its share of the batches (the prefix and the batches are those of all the rows);
+    the per-batch sums are gathered and added in batch order, as one process adds them.
     """
     eos = tokenizer.eos_token or ""
     pairs = []
@@ -40,15 +50,16 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    sums: list[tuple[float, int]] = []
     # the prefix stops before every prompt's last token (it predicts the answer's first); virtual-token
     # (prompt learning) models bring their own cache: no shared prefix there
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
     limit = 0 if prompt_learning else max(min(len(ids) - n_ref for ids, n_ref in pairs) - 1, 0)
     try:
         prefix = SharedPrefix(model, [ids for ids, _ in pairs], limit=limit)
-        for batch in tqdm(_logit_batches(pairs, batch_size, len(tokenizer)), desc="perplexity", unit="batch",
-                          leave=False):
+        batches = _logit_batches(pairs, batch_size, len(tokenizer))
+        mine = shard.rows(len(batches))
+        for batch in tqdm([batches[b] for b in mine], desc="perplexity", unit="batch", leave=False):
             keep = max(n_ref for _, n_ref in batch) + 1  # +1: the last prompt token predicts the first answer token
             inputs = prefix.batch([ids for ids, _ in batch], pad_id)
             if not prefix.length:
@@ -60,10 +71,13 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
             loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                                      shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-            nll += loss.item()
-            count += int((shift_labels != -100).sum())
+            sums.append((loss.item(), int((shift_labels != -100).sum())))
     finally:
         model.train(was_training)
+    nll, count = 0.0, 0
+    for batch_nll, batch_count in shard.gather_rows(len(batches), mine, sums):
+        nll += batch_nll
+        count += batch_count
     return math.exp(nll / max(count, 1))
 
 
@@ -93,36 +107,66 @@ def _is_classifier(model) -> bool:
 
 
 @torch.no_grad()
-def classifier_logits(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
-    """A sequence classifier's (or regressor's) logits for every text, batched: (len(texts), num_outputs)."""
+def classifier_logits(model, tokenizer, texts: list[str], batch_size: int, shard: EvalShard = SINGLE) -> torch.Tensor:
+    """A sequence classifier's (or regressor's) logits for every text, batched: (len(texts), num_outputs).
+    `shard`: this rank runs its share of the batches, and every rank gets all the logits back."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    starts = list(range(0, len(texts), batch_size))
+    mine = shard.rows(len(starts))
     out: list[torch.Tensor] = []
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="classify", unit="batch", leave=False):
+        for start in tqdm([starts[b] for b in mine], desc="classify", unit="batch", leave=False):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
             out.append(model(**batch.to(device)).logits.float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(shard.gather_rows(len(starts), mine, out))
 
 
-def classifier_predictions(model, tokenizer, texts: list[str], batch_size: int) -> list[int]:
+def classifier_predictions(model, tokenizer, texts: list[str], batch_size: int,
+                           shard: EvalShard = SINGLE) -> list[int]:
     """Argmax class ids from a sequence classifier's logits, batched."""
-    return classifier_logits(model, tokenizer, texts, batch_size).argmax(-1).tolist()
+    return classifier_logits(model, tokenizer, texts, batch_size, shard).argmax(-1).tolist()
 
 
-def _evaluate_regression(model, tokenizer, task: RegressionTask, settings: DecodingSettings) -> dict:
-    values = classifier_logits(model, tokenizer, [r["text"] for r in task.rows], settings.batch_size)[:, 0].tolist()
+def _generate_shared(model, tokenizer, prompts: list[str], settings: DecodingSettings, shard: EvalShard, desc: str,
+                     stats: dict) -> list[str]:
+    """generate_batched over this rank's share of the prompts (every world-th one), the texts of all ranks back
+    in prompt order; `stats` sums prompts and new tokens over the ranks, over the slowest rank's seconds.
+
+    Sampled strategies run every prompt on every rank, as in one process: a share would draw from another
+    point of the seeded random stream, so the samples, and the metrics, would change with the world size."""
+    if shard.world == 1 or DECODING_PRESETS.get(settings.strategy, {}).get("do_sample", False):
+        return generate_batched(model, tokenizer, prompts, settings, desc=desc, stats=stats)
+    mine = shard.rows(len(prompts))
+    own: dict = {}
+    texts = generate_batched(model, tokenizer, [prompts[i] for i in mine], settings, desc=desc,
+                             stats=own) if mine else []
+    texts = shard.gather_rows(len(prompts), mine, texts)
+    parts = [s for s in shard.all_gather(own) if s]
+    if parts:
+        produced, seconds = sum(s["new_tokens"] for s in parts), max(s["seconds"] for s in parts)
+        stats.update(prompts=sum(s["prompts"] for s in parts), new_tokens=produced, seconds=seconds,
+                     tokens_per_s=produced / max(seconds, 1e-9), ranks=shard.world)
+    return texts
+
+
+def _evaluate_regression(model, tokenizer, task: RegressionTask, settings: DecodingSettings,
+                         shard: EvalShard = SINGLE) -> dict:
+    values = classifier_logits(model, tokenizer, [r["text"] for r in task.rows], settings.batch_size,
+                               shard)[:, 0].tolist()
     references = [float(r["target"]) for r in task.rows]
     return {"metrics": regression_metrics(values, references, task.metrics),
             "predictions": [f"{v:.3f}" for v in values], "references": [str(r) for r in references]}
 
 
 @torch.no_grad()
-def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, settings: DecodingSettings) -> dict:
-    """Token-weighted perplexity over fixed blocks; for a masked LM, over whole-word-masked tokens (fixed seed)."""
+def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, settings: DecodingSettings,
+                                shard: EvalShard = SINGLE) -> dict:
+    """Token-weighted perplexity over fixed blocks; for a masked LM, over whole-word-masked tokens (fixed seed).
+    `shard`: this rank runs its share of the batches; the per-batch sums are added in batch order."""
     from hf_tuner.data.text import chunk_documents, whole_word_mask_collator
 
     mlm = task.objective == "mlm"
@@ -132,14 +176,20 @@ def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, se
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count, correct = 0.0, 0, 0
+    starts = list(range(0, len(blocks), settings.batch_size))
+    mine = set(shard.rows(len(starts)))
+    sums: list[tuple[float, int, int]] = []
     try:
-        for start in tqdm(range(0, len(blocks), settings.batch_size), desc=f"perplexity {task.name}", unit="batch",
-                          leave=False):
+        for b, start in enumerate(tqdm(starts, desc=f"perplexity {task.name}", unit="batch", leave=False)):
+            if b not in mine and not mlm:
+                continue
             rows = blocks.select(range(start, min(start + settings.batch_size, len(blocks))))
             if mlm:
+                # every rank masks every batch, so the seeded masker's stream reaches each batch as in one process
                 batch = collate([dict(r) for r in rows])
                 labels = batch.pop("labels")
+                if b not in mine:
+                    continue
             else:
                 batch = {"input_ids": torch.tensor(rows["input_ids"]), "attention_mask": torch.tensor(rows["attention_mask"])}
                 labels = torch.tensor(rows["labels"])
@@ -147,30 +197,36 @@ def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, se
             if not mlm:  # position t predicts token t+1
                 logits, labels = logits[:, :-1], labels[:, 1:]
             labels = labels.to(device)
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum").item()
+            batch_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                          ignore_index=-100, reduction="sum").item()
             keep = labels != -100
-            count += int(keep.sum())
-            correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+            sums.append((batch_nll, int(keep.sum()), int((logits.argmax(-1)[keep] == labels[keep]).sum())))
     finally:
         model.train(was_training)
+    nll, count, correct = 0.0, 0, 0
+    for batch_nll, batch_count, batch_correct in shard.gather_rows(len(starts), sorted(mine), sums):
+        nll += batch_nll
+        count += batch_count
+        correct += batch_correct
     metrics = {"perplexity": math.exp(nll / max(count, 1)), "eval_tokens": float(count)}
     if mlm:
         metrics["masked_accuracy"] = correct / max(count, 1)
     return {"metrics": metrics, "predictions": [], "references": []}
 
 
-def _evaluate_classification(model, tokenizer, task: ClassificationTask, settings: DecodingSettings) -> dict:
+def _evaluate_classification(model, tokenizer, task: ClassificationTask, settings: DecodingSettings,
+                             shard: EvalShard = SINGLE) -> dict:
     references = [row["label"] for row in task.rows]
     if _is_classifier(model):
-        ids = classifier_predictions(model, tokenizer, [row["text"] for row in task.rows], settings.batch_size)
+        ids = classifier_predictions(model, tokenizer, [row["text"] for row in task.rows], settings.batch_size,
+                                     shard)
         predictions = [task.labels[i] for i in ids]
         texts = [str(p) for p in predictions]
         unparsed = 0
     else:  # a causal LM answers with a label word
         prompts = [_prompt_text(tokenizer, task.messages(row), model) for row in task.rows]
         stats: dict = {}
-        texts = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}", stats=stats)
+        texts = _generate_shared(model, tokenizer, prompts, settings, shard, f"generate {task.name}", stats)
         predictions = [task.parse_label(t) for t in texts]
         unparsed = sum(p is None for p in predictions)
         # An answer that names no label counts as wrong: score it as a label no reference has.
@@ -189,17 +245,26 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
     The same call serves the base model, the prompting baselines (tasks with shots) and the tuned
     model, so their numbers are comparable. GenerationTask: generate and score text (plus perplexity of
     the references); ClassificationTask: from a classifier's logits, or a causal LM's label word.
+    Call it on every rank of a multi-process launch: each rank evaluates its share of the rows, and every
+    rank returns the result one process would (see `hf_tuner.distributed.evaluation_shard`). RewardTask
+    samples its responses, so every rank still samples every prompt (a share would change the samples).
     """
     settings = settings or DecodingSettings()
     start = time.perf_counter()
+    shard = evaluation_shard(model)
+    if shard.world > 1:  # DDP's forward may broadcast buffers (a collective): the ranks' forwards now differ
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
     scorers = {ClassificationTask: _evaluate_classification, GenerationTask: _evaluate_generation,
                RegressionTask: _evaluate_regression, LanguageModelingTask: _evaluate_language_modeling}
     scorer = next((f for cls, f in scorers.items() if isinstance(task, cls)), None)
     if scorer is not None:  # a LoRA-family adapter is merged for the evaluation (one matmul per layer)
         with merged_adapter(model):
-            result = scorer(model, tokenizer, task, settings)
+            result = scorer(model, tokenizer, task, settings, shard)
     elif isinstance(task, PreferenceTask):  # these compare with the adapter disabled: left unmerged
-        result = evaluate_preferences(model, tokenizer, task, settings)
+        result = evaluate_preferences(model, tokenizer, task, settings, shard)
     elif isinstance(task, RewardTask):
         result = evaluate_policy(model, tokenizer, task, settings)
     else:
@@ -209,7 +274,8 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
     return result
 
 
-def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: DecodingSettings) -> dict:
+def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: DecodingSettings,
+                         shard: EvalShard = SINGLE) -> dict:
     prompts = [_prompt_text(tokenizer, task.messages(row), model) for row in task.rows]
     references = [task.reference(row) for row in task.rows]
     metrics: dict[str, float] = {}
@@ -217,12 +283,11 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
     wanted_text = [m for m in task.metrics if m in TEXT_METRICS]
     stats: dict = {}
     if wanted_text:
-        predictions = generate_batched(model, tokenizer, prompts, settings, desc=f"generate {task.name}",
-                                       stats=stats)
+        predictions = _generate_shared(model, tokenizer, prompts, settings, shard, f"generate {task.name}", stats)
         metrics.update(text_metrics(predictions, references, wanted_text))
     if "perplexity" in task.metrics:
         score = seq2seq_reference_perplexity if is_encoder_decoder(model) else reference_perplexity
-        metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size)
+        metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size, shard)
     result = {"metrics": metrics, "predictions": predictions, "references": references}
     if stats:
         result["generation"] = stats
@@ -230,23 +295,31 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
 
 
 @torch.no_grad()
-def seq2seq_reference_perplexity(model, tokenizer, sources: list[str], references: list[str], batch_size: int) -> float:
-    """Token-weighted perplexity of each reference as the decoder's target, given its source (encoder-decoders)."""
+def seq2seq_reference_perplexity(model, tokenizer, sources: list[str], references: list[str], batch_size: int,
+                                 shard: EvalShard = SINGLE) -> float:
+    """Token-weighted perplexity of each reference as the decoder's target, given its source (encoder-decoders).
+    `shard`: this rank runs its share of the batches; the per-batch sums are added in batch order."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    starts = list(range(0, len(sources), batch_size))
+    mine = shard.rows(len(starts))
+    sums: list[tuple[float, int]] = []
     try:
-        for start in range(0, len(sources), batch_size):
+        for start in [starts[b] for b in mine]:
             enc = tokenizer(sources[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
             labels = tokenizer(text_target=references[start:start + batch_size], padding=True, truncation=True,
                                return_tensors="pt")["input_ids"]
             labels[labels == tokenizer.pad_token_id] = -100
             logits = model(**enc.to(device), labels=labels.to(device)).logits.float()
             labels = labels.to(device)
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum").item()
-            count += int((labels != -100).sum())
+            batch_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                          ignore_index=-100, reduction="sum").item()
+            sums.append((batch_nll, int((labels != -100).sum())))
     finally:
         model.train(was_training)
+    nll, count = 0.0, 0
+    for batch_nll, batch_count in shard.gather_rows(len(starts), mine, sums):
+        nll += batch_nll
+        count += batch_count
     return math.exp(nll / max(count, 1))

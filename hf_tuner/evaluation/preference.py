@@ -10,13 +10,26 @@ from hf_tuner.evaluation.metrics import distinct_n
 from hf_tuner.evaluation.tasks import PreferenceTask, RewardTask
 
 
-def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings) -> dict:
+def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings, shard=None) -> dict:
+    """The reward model's scores of each pair's chosen and rejected text. `shard` (hf_tuner.distributed.EvalShard):
+    this rank scores its share of whole batches of pairs, each the batch one process scores, and every rank
+    gets all the scores back in pair order."""
+    from hf_tuner.distributed import SINGLE
     from hf_tuner.reward_scoring import RewardModel, pairwise_scores
 
+    shard = shard or SINGLE
     reward = RewardModel(model, tokenizer, batch_size=settings.batch_size)
     was_training = model.training
     try:
-        chosen, rejected = pairwise_scores(reward, task.rows)
+        if shard.world == 1:
+            chosen, rejected = pairwise_scores(reward, task.rows)
+        else:
+            size = settings.batch_size
+            mine = [i for b in shard.rows(math.ceil(len(task.rows) / size))
+                    for i in range(b * size, min((b + 1) * size, len(task.rows)))]
+            own = pairwise_scores(reward, [task.rows[i] for i in mine]) if mine else ([], [])
+            scores = shard.gather_rows(len(task.rows), mine, list(zip(*own)))
+            chosen, rejected = [c for c, _ in scores], [r for _, r in scores]
     finally:
         model.train(was_training)
     n = max(len(task.rows), 1)
