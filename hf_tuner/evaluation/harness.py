@@ -19,8 +19,8 @@ from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_
 from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
 from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
                                      RegressionTask, RewardTask)
-from hf_tuner.generation import (DECODING_PRESETS, DecodingSettings, SharedPrefix, generate_batched,
-                                 is_encoder_decoder, merged_adapter)
+from hf_tuner.generation import (DECODING_PRESETS, DecodingSettings, SharedPrefix, for_inference, generate_batched,
+                                 is_encoder_decoder, unwrapped_forward)
 
 
 def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
@@ -260,13 +260,15 @@ def evaluate_model(model, tokenizer, task, settings: DecodingSettings | None = N
     scorers = {ClassificationTask: _evaluate_classification, GenerationTask: _evaluate_generation,
                RegressionTask: _evaluate_regression, LanguageModelingTask: _evaluate_language_modeling}
     scorer = next((f for cls, f in scorers.items() if isinstance(task, cls)), None)
-    if scorer is not None:  # a LoRA-family adapter is merged for the evaluation (one matmul per layer)
-        with merged_adapter(model):
+    if scorer is not None:  # fp32 as loaded; a LoRA-family adapter merged for the evaluation (one matmul per layer)
+        with for_inference(model):
             result = scorer(model, tokenizer, task, settings, shard)
     elif isinstance(task, PreferenceTask):  # these compare with the adapter disabled: left unmerged
-        result = evaluate_preferences(model, tokenizer, task, settings, shard)
+        with unwrapped_forward(model):
+            result = evaluate_preferences(model, tokenizer, task, settings, shard)
     elif isinstance(task, RewardTask):
-        result = evaluate_policy(model, tokenizer, task, settings)
+        with unwrapped_forward(model):
+            result = evaluate_policy(model, tokenizer, task, settings)
     else:
         raise TypeError(f"unknown task type {type(task).__name__}")
     result["seconds"] = time.perf_counter() - start
