@@ -66,9 +66,16 @@ def single(tiny_llama, tiny_bert) -> tuple[dict, dict]:
     def refuse(*args, **kwargs):
         raise AssertionError("one process gathered")
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dist, "all_gather_object", refuse)
-        return _worker().evaluations(tiny_llama, tiny_bert)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: another thread count blocks the matmuls, and rounds, differently
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dist, "all_gather_object", refuse)
+            return _worker().evaluations(tiny_llama, tiny_bert)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("task", [*SHARED, "sampled"])
