@@ -96,6 +96,23 @@ def tiny_llama() -> str:
     return assets.resolve("tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def wide_tiny_llama(tiny_llama):
+    """(model, tokenizer) of tiny-llama with wider weights than the default init, so greedy outputs vary from
+    token to token."""
+    import torch
+
+    from hf_tuner.models import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("tiny-llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model, tokenizer
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -14,13 +14,8 @@ WORDS = ["apple", "river stone", "a cloud over the hill", "tiger", "lamp and bre
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_llama):
-    torch.manual_seed(0)
-    model, tokenizer = load_model("tiny-llama")
-    with torch.no_grad():  # wider weights than the default init, so greedy outputs vary from token to token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
+def model_and_tokenizer(wide_tiny_llama):
+    model, tokenizer = wide_tiny_llama
     return model.eval(), tokenizer
 
 

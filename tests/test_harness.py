@@ -14,14 +14,8 @@ ANSWERS = ["a source of light", "a mutable sequence of items", "it repeats a blo
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_llama):
-    torch.manual_seed(0)
-    model, tokenizer = load_model("tiny-llama")
-    with torch.no_grad():  # wider weights than the default init, so greedy outputs vary from token to token
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model, tokenizer
+def model_and_tokenizer(wide_tiny_llama):
+    return wide_tiny_llama
 
 
 def _chat(tokenizer, text):

@@ -31,15 +31,20 @@ def _copy(tiny_llama: str, dest: Path) -> Path:
     return dest
 
 
-def test_remote_code_runs_only_when_the_config_turns_it_on(tmp_path, tiny_llama, capsys):
-    folder = _copy(tiny_llama, tmp_path / "remote")
-    marker = tmp_path / "remote-code-ran"
+def _plant_remote_code(folder, base_class: str, auto_class: str, marker):
+    """A checkpoint whose config maps `auto_class` to its own module, which writes `marker` when imported."""
     (folder / "modeling_evil.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from transformers import LlamaForCausalLM\n\nclass EvilModel(LlamaForCausalLM):\n    pass\n")
+        f"from transformers import {base_class}\n\nclass EvilModel({base_class}):\n    pass\n")
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    config["auto_map"] = {auto_class: "modeling_evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
+    return marker
+
+
+def test_remote_code_runs_only_when_the_config_turns_it_on(tmp_path, tiny_llama, capsys):
+    folder = _copy(tiny_llama, tmp_path / "remote")
+    marker = _plant_remote_code(folder, "LlamaForCausalLM", "AutoModelForCausalLM", tmp_path / "remote-code-ran")
 
     try:
         models.load_model(str(folder), "causal-lm")
@@ -229,13 +234,7 @@ def test_encoder_loads_read_safetensors_only(tmp_path, tiny_bert, monkeypatch, l
 def test_encoder_loads_follow_trust_remote_code(tmp_path, tiny_bert, monkeypatch, load):
     # a name of its own per case: transformers caches a checkpoint's code as a module named after its folder
     folder = _copy(tiny_bert, tmp_path / f"remote_{load.__name__.strip('_')}")
-    marker = tmp_path / "remote-code-ran"
-    (folder / "modeling_evil.py").write_text(
-        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from transformers import BertModel\n\nclass EvilModel(BertModel):\n    pass\n")
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
-    (folder / "config.json").write_text(json.dumps(config))
+    marker = _plant_remote_code(folder, "BertModel", "AutoModel", tmp_path / "remote-code-ran")
 
     for name in ("off", "on"):
         (tmp_path / name).mkdir()
