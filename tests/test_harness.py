@@ -5,7 +5,6 @@ import torch
 
 from hf_tuner.evaluation import GenerationTask, evaluate_model, reference_perplexity
 from hf_tuner.generation import DecodingSettings, generate_batched
-from hf_tuner.models import load_model
 
 PROMPTS = ["Define the word 'lamp'.", "What is a list?", "Explain the for statement in Python briefly please.",
            "Hi", "Define the word 'class' in one short sentence for a beginner."]
