@@ -233,6 +233,75 @@ def kv_rows(model, length: int, batch_size: int) -> int:
     return max(1, min(batch_size, KV_BUDGET // (per_token * length)))
 
 
+def _in_place_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        """A full-attention layer's cache in a buffer allocated once for the whole generation: each step writes its
+        key/value in place and attention reads a view of the filled part. `DynamicLayer` concatenates the whole
+        cache into a new tensor at every step of every layer instead. The view holds the same numbers in the same
+        shape as that concatenation, so attention computes the same values."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity = capacity
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.device = key_states.device
+            batch, heads, _, dim = key_states.shape
+            self._keys = key_states.new_empty((batch, heads, self.capacity, dim))
+            self._values = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+            self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, q = self.keys.shape[-2], key_states.shape[-2]
+            if n + q > self._keys.shape[-2]:  # past the planned length (a caller that did not size it): grow
+                grown = max(2 * self._keys.shape[-2], n + q)
+                self._keys = torch.cat([self.keys, self.keys.new_empty(self.keys.shape[:2] + (grown - n,) +
+                                                                       self.keys.shape[3:])], dim=-2)
+                self._values = torch.cat([self.values, self.values.new_empty(self.values.shape[:2] + (grown - n,) +
+                                                                             self.values.shape[3:])], dim=-2)
+            self._keys[:, :, n:n + q].copy_(key_states)
+            self._values[:, :, n:n + q].copy_(value_states)
+            self.keys, self.values = self._keys[:, :, :n + q], self._values[:, :, :n + q]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._keys = self._keys.repeat_interleave(repeats, dim=0)
+                self._values = self._values.repeat_interleave(repeats, dim=0)
+                n = self.keys.shape[-2]
+                self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep the rows `indices` (ascending): they move to the front of the same buffers, filled part only."""
+            if self.is_initialized:
+                n, m = self.keys.shape[-2], len(indices)
+                self._keys[:m, :, :n] = self.keys[indices]
+                self._values[:m, :, :n] = self.values[indices]
+                self._keys, self._values = self._keys[:m], self._values[:m]
+                self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+    return InPlaceLayer
+
+
+def in_place_cache(model, capacity: int):
+    """A DynamicCache whose full-attention layers fill buffers of `capacity` tokens in place (see InPlaceLayer), or
+    None where the model's cache has other layer kinds (sliding windows, linear attention, ...)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    layer_class = _in_place_layer_class()
+    cache.layers = [layer_class(capacity) for _ in cache.layers]
+    return cache
+
+
 class SharedPrefix:
     """The key/value cache of the tokens every prompt starts with (chat template, system prompt, few-shot
     turns), computed once; `batch` lays out rows that continue it. `transformers` has no batched form of
@@ -250,11 +319,12 @@ class SharedPrefix:
             model(input_ids=torch.tensor([encoded[0][:self.length]], device=self.device), use_cache=True,
                   logits_to_keep=1, **{self.arg: self.cache})
 
-    def batch(self, rows: list[list[int]], pad_id: int) -> dict:
+    def batch(self, rows: list[list[int]], pad_id: int, new_tokens: int | None = None) -> dict:
         """Model inputs for `rows` (whole prompts; the prefix is cut off here): each row's own tokens
         left-padded after the prefix, the attention mask over prefix + padding + tokens, position ids that
         continue the prefix, and a copy of the prefix cache per row. Every real token sees exactly what it
-        sees in the full left-padded prompt."""
+        sees in the full left-padded prompt. `new_tokens`: the cache is an `in_place_cache` with room for the
+        prompts and that many generated tokens, where the model allows one."""
         from transformers import DynamicCache
 
         n = self.length
@@ -268,22 +338,36 @@ class SharedPrefix:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, n + width - len(ids):] = 1
             positions[row, width - len(ids):] = torch.arange(n, n + len(ids))
-        cache = DynamicCache(config=self.model.config)
-        if self.cache is not None:
+        cache = None if new_tokens is None else in_place_cache(self.model, n + width + new_tokens)
+        if cache is not None:
+            if self.cache is not None:  # the prefix, written once into each row of the buffers
+                for layer, (keys, values, _) in zip(cache.layers, self.cache):
+                    layer.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1))
+        elif self.cache is not None:
             cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(len(rows))
+        else:
+            cache = DynamicCache(config=self.model.config)
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device),
                 "position_ids": positions.to(self.device), "use_cache": True, self.arg: cache}
 
 
+# Fewest rows a decode batch keeps: the CPU GEMM takes another code path for 1-3 rows and rounds differently, so
+# a prompt's last tokens would not be computed as in `model.generate`'s batch (which keeps every row to the end).
+# Finished rows stay in as passengers (their tokens are dropped) until the batch ends.
+MIN_ROWS = 4
+
+
 @torch.no_grad()
 def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, eos_ids: set[int], pad_id: int,
-                   desc: str = "generate") -> list[list[int]]:
+                   desc: str = "generate", in_place: bool = True) -> list[list[int]]:
     """Greedy decoding of token-id prompts with a decoder-only model: the new token ids of each, in input order.
 
-    Written here because `model.generate` offers neither of the two things that make it fast:
+    Written here because `model.generate` offers none of the things that make it fast:
     - the prompts' common prefix is run once (`SharedPrefix`) and its cache copied into every batch;
-    - a row that has ended (an EOS id or max_new_tokens) leaves the batch, with its cache rows.
+    - the cache is written in place (`in_place_cache`) instead of concatenated anew at every step;
+    - a row that has ended (an EOS id or max_new_tokens) leaves the batch, with its cache rows (down to MIN_ROWS);
+    - batches are as large as `settings.batch_size` and the KV budget allow, and of equal sizes.
     The arithmetic is the same as `model.generate`'s greedy search, so the tokens agree with it (rounding can
     differ with the batch shapes; benchmarks/bench_generation.py counts the outputs that differ).
     """
@@ -295,29 +379,37 @@ def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, 
     bar = tqdm(total=len(encoded), desc=desc, unit="prompt", leave=False)
     start_time, produced = time.perf_counter(), 0
     rows = kv_rows(model, max(len(e) for e in encoded) + settings.max_new_tokens, settings.batch_size)
-    for start in range(0, len(order), rows):
-        idx = order[start:start + rows]
-        inputs = prefix.batch([encoded[i] for i in idx], pad_id)
+    batches = -(-len(order) // rows)  # of equal sizes: 200 prompts at 64 rows run as 4 x 50, not 64, 64, 64, 8
+    bounds = [k * len(order) // batches for k in range(batches + 1)]
+    for start, end in zip(bounds, bounds[1:]):
+        idx = order[start:end]
+        inputs = prefix.batch([encoded[i] for i in idx], pad_id, settings.max_new_tokens if in_place else None)
         cache = inputs.pop(prefix.arg)
         input_ids, attention, positions = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
-        alive = list(idx)  # prompt index of each row still in the batch
+        alive = list(idx)  # prompt index of each row still in the batch; -1: a finished row kept as a passenger
         for step in range(settings.max_new_tokens):
             logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **{prefix.arg: cache}).logits[:, -1]
             next_ids = logits.argmax(-1)
             for row, token in zip(alive, next_ids.tolist()):
-                outputs[row].append(token)
-            produced += len(alive)
-            done = torch.isin(next_ids, eos)
+                if row >= 0:
+                    outputs[row].append(token)
+            done = torch.isin(next_ids, eos) | torch.tensor([row < 0 for row in alive], device=device)
+            finished = sum(row >= 0 for row in alive) - int((~done).sum())
+            produced += sum(row >= 0 for row in alive)
             if step == settings.max_new_tokens - 1 or bool(done.all()):
-                bar.update(len(alive))
+                bar.update(sum(row >= 0 for row in alive))
                 break
+            bar.update(finished)
             if bool(done.any()):  # finished rows leave the batch, with their cache rows
-                keep = (~done).nonzero().squeeze(-1)
-                bar.update(len(alive) - len(keep))
-                alive = [alive[k] for k in keep.tolist()]
-                cache.batch_select_indices(keep)
-                next_ids, attention, positions = next_ids[keep], attention[keep], positions[keep]
+                flags = done.tolist()
+                keep = [k for k, d in enumerate(flags) if not d]
+                keep = sorted(keep + [k for k, d in enumerate(flags) if d][:max(0, min(MIN_ROWS, len(alive)) - len(keep))])
+                alive = [-1 if flags[k] else alive[k] for k in keep]
+                if len(keep) < len(flags):
+                    keep = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(keep)
+                    next_ids, attention, positions = next_ids[keep], attention[keep], positions[keep]
             input_ids = next_ids[:, None]
             attention = torch.cat([attention, attention.new_ones((len(alive), 1))], dim=-1)
             positions = positions[:, -1:] + 1

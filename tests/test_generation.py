@@ -252,3 +252,79 @@ def test_a_model_prepared_for_bf16_training_is_evaluated_as_loaded(tiny_llama):
     assert again["predictions"] == plain["predictions"]  # ... and the prepared model is still scored in fp32
     assert again["metrics"]["perplexity"] == pytest.approx(plain["metrics"]["perplexity"], rel=1e-5)
     assert "_original_forward" in prepared.__dict__ and prepared.forward != prepared._original_forward
+
+
+def test_the_in_place_cache_fills_one_buffer_and_holds_what_concatenation_holds(model_and_tokenizer):
+    from hf_tuner.generation import in_place_cache
+
+    model, _ = model_and_tokenizer
+    cache = in_place_cache(model, capacity=5)
+    layer = cache.layers[0]
+    torch.manual_seed(0)
+    steps = [torch.randn(3, 2, q, 16) for q in (2, 1, 1)]
+    for k in steps:
+        keys, values = cache.update(k, -k, layer_idx=0)
+    expected = torch.cat(steps, dim=-2)
+    assert torch.equal(keys, expected) and torch.equal(values, -expected) and cache.get_seq_length() == 4
+    buffer = layer._keys.data_ptr()
+    assert keys.data_ptr() == buffer  # a view of the buffer, written in place: no new tensor per step
+    keys, _ = cache.update(steps[1], -steps[1], layer_idx=0)
+    assert layer._keys.data_ptr() == buffer and torch.equal(keys, torch.cat([expected, steps[1]], dim=-2))
+    keys, _ = cache.update(steps[0], -steps[0], layer_idx=0)  # past the capacity: the buffer grows
+    full = torch.cat([expected, steps[1], steps[0]], dim=-2)
+    assert torch.equal(keys, full) and layer._keys.shape[-2] >= 7
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    assert torch.equal(layer.keys, full[[0, 2]]) and torch.equal(layer.values, -full[[0, 2]])
+    keys, _ = cache.update(steps[2][:2], -steps[2][:2], layer_idx=0)
+    assert torch.equal(keys, torch.cat([full[[0, 2]], steps[2][:2]], dim=-2))
+
+
+def _forward_batches(model):
+    """Rows of every forward call, recorded by a pre-hook (and the cache layers the call got)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        cache = next((v for k, v in kwargs.items() if k in ("cache", "past_key_values")), None)
+        calls.append((kwargs["input_ids"].shape[0], type(cache.layers[0]).__name__ if cache is not None else None))
+
+    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_fast_greedy_decodes_on_the_in_place_cache_in_equal_batches(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 1)
+    encoded, expected = _reference(model, tokenizer, prompts, 16, {tokenizer.eos_token_id}, 6)
+    calls, handle = _forward_batches(model)
+    try:
+        got = greedy_batched(model, encoded, DecodingSettings(max_new_tokens=6, batch_size=4),
+                             {tokenizer.eos_token_id}, tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert got == expected
+    calls = calls[1:]  # the first call computes the shared prefix, once
+    assert {layer for _, layer in calls} == {"InPlaceLayer"}
+    prefills = [rows for k, (rows, _) in enumerate(calls) if k % 6 == 0]  # every row runs 6 steps here
+    assert len(calls) == 18 and sorted(prefills) == [3, 3, 4]  # 10 prompts at 4 rows: 3 + 3 + 4, not 4 + 4 + 2
+
+
+def test_a_decode_batch_keeps_min_rows_while_rows_finish(model_and_tokenizer):
+    """The CPU GEMM rounds differently for 1-3 rows: finished rows stay in as passengers so that the batch does not
+    fall below MIN_ROWS, and their extra tokens are not returned."""
+    from hf_tuner.generation import MIN_ROWS
+
+    model, tokenizer = model_and_tokenizer
+    prompts = _prompts(tokenizer, 1)
+    _, free = _reference(model, tokenizer, prompts, 16, set(), 12)
+    eos_ids = {t for t, _ in collections.Counter(t for row in free for t in row[:10]).most_common(5)}
+    encoded, expected = _reference(model, tokenizer, prompts, 16, eos_ids, 12)
+    running = [sum(len(e) > step for e in expected) for step in range(12)]
+    assert any(0 < n < MIN_ROWS for n in running)  # without passengers the batch would shrink below MIN_ROWS
+    calls, handle = _forward_batches(model)
+    try:
+        got = greedy_batched(model, encoded, DecodingSettings(max_new_tokens=12, batch_size=16), eos_ids,
+                             tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    assert got == expected
+    rows = [n for n, _ in calls[1:]]  # after the shared prefix's call
+    assert rows[0] == 10 and min(rows) == MIN_ROWS  # rows leave the batch, down to MIN_ROWS and no further
