@@ -132,11 +132,11 @@ def check_peft_fits(method: str, peft_config, model_path: str, task: str, keys: 
     from accelerate import init_empty_weights
     from peft import get_peft_model
 
-    from hf_tuner.models import TASK_CLASSES
+    from hf_tuner.models import TASK_CLASSES, without_zero3_init
 
     config = transformers.AutoConfig.from_pretrained(model_path)
-    try:
-        with init_empty_weights():
+    try:  # not under ZeRO-3's zero.Init, which would try to partition the meta tensors ("Cannot copy out of meta")
+        with without_zero3_init(), init_empty_weights():
             skeleton = getattr(transformers, TASK_CLASSES[task]).from_config(config)
         get_peft_model(skeleton, copy.deepcopy(peft_config))
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:

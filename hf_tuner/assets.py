@@ -238,13 +238,26 @@ def is_fetched(name: str) -> bool:
 
 
 def fetch(name: str, log: Callable[[str], None] = print) -> Path:
-    """Fetch and prepare one asset into the cache; a second call does nothing and says so."""
+    """Fetch and prepare one asset into the cache; a second call does nothing and says so.
+
+    Under a file lock: the ranks of a launch on a fresh cache each resolve the same assets at the same moment
+    (they shared one `.partial` folder, and one rank's cleanup removed the other's build). The first builds; the
+    others wait for it, then find the asset fetched."""
+    import fcntl
+
+    get_asset(name)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(name, log)
+
+
+def _fetch_locked(name: str, log: Callable[[str], None]) -> Path:
     asset = get_asset(name)
     target = asset_dir(name)
     if is_fetched(name):
         log(f"{name}: already in {target}, nothing to do")
         return target
-    cache_dir().mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()

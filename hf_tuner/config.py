@@ -398,11 +398,16 @@ def _pop_flag(mapping: dict[str, Any], cli: list[str], name: str) -> bool:
 def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, Any]:
     """TRL configs default to bf16, which fails at config time on a CPU unless use_cpu is set."""
     from hf_tuner.devices import cpu_supports_bf16, cuda_available
-    from hf_tuner.distributed import world_size
+    from hf_tuner.distributed import deepspeed_on_cpu, world_size
 
     given = set(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     out = dict(mapping)
-    if not cuda_available():
+    if deepspeed_on_cpu() and not out.get("use_cpu"):  # DeepSpeed's CPU accelerator; see deepspeed_on_cpu
+        out["use_cpu"] = False
+        out.setdefault("ddp_backend", "gloo")
+        if "bf16" not in given:
+            out["bf16"] = cpu_supports_bf16()
+    elif not cuda_available():
         if "use_cpu" not in given:
             out["use_cpu"] = True
         elif not out.get("use_cpu") and world_size() > 1:

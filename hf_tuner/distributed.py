@@ -87,6 +87,23 @@ def requested_processes(argv: list[str] | None = None) -> int | None:
         return None
 
 
+def deepspeed_launch() -> bool:
+    """True under an `accelerate launch` with a DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
+def deepspeed_on_cpu() -> bool:
+    """A DeepSpeed launch on a machine without CUDA, with deepspeed installed: DeepSpeed's CPU accelerator then
+    runs ZeRO-2/ZeRO-3 for real over gloo, provided TrainingArguments says use_cpu=false (use_cpu=true makes
+    accelerate run plain DDP and drop the DeepSpeed config) and ddp_backend=gloo (accelerate finds no backend of
+    its own without CUDA). `hf_tuner.config.apply_device_defaults` sets both."""
+    import importlib.util
+
+    from hf_tuner.devices import cuda_available
+
+    return deepspeed_launch() and not cuda_available() and importlib.util.find_spec("deepspeed") is not None
+
+
 def check_launch(argv: list[str] | None = None) -> None:
     """Refuse a launch that asked for several processes but runs as one; say how to launch instead."""
     from hf_tuner.errors import ConfigError
@@ -94,11 +111,16 @@ def check_launch(argv: list[str] | None = None) -> None:
     from hf_tuner.devices import cuda_available
 
     sharding = [name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
-                if os.environ.get(env, "").lower() == "true"]
-    if sharding and not cuda_available():
+                if os.environ.get(env, "").lower() in ("1", "true")]
+    if deepspeed_on_cpu():
+        log.warning("DeepSpeed without CUDA: its CPU accelerator runs the ZeRO stage over gloo (slow next to "
+                    "DDP on a CPU; useful to check a config before a GPU run)")
+    elif sharding and not cuda_available():
+        hint = (" Install DeepSpeed (pip install 'hf-tuner[deepspeed]') to run its CPU accelerator instead."
+                if sharding[0] == "DeepSpeed" else "")
         log.warning("%s was asked for, but there is no CUDA: with use_cpu=true accelerate runs the processes as "
                     "plain DDP over gloo (MULTI_CPU) and ignores the %s settings. Training is correct, not "
-                    "sharded.", sharding[0], sharding[0])
+                    "sharded.%s", sharding[0], sharding[0], hint)
     asked = requested_processes(argv)
     if asked and asked > 1 and world_size() == 1:
         cmd = " ".join(shlex.quote(a) for a in (argv or _launcher_argv() or []))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from transformers import Trainer, TrainerCallback
 
@@ -58,4 +59,40 @@ def sync_checkpointing_kwargs(args) -> bool:
         return False
     args.activation_checkpointing_kwargs = {**(new or {}), **old}
     args.gradient_checkpointing_kwargs = args.activation_checkpointing_kwargs
+    return True
+
+
+def loss_counts_items(model) -> bool:
+    """Whether the model's forward hands `num_items_in_batch` to its loss (transformers' `self.loss_function`,
+    as causal LMs do), read from the source of its `forward` (under PEFT, the base model's).
+
+    transformers 5.24 decides from the signature alone: a forward with `**kwargs` "accepts loss kwargs", so the
+    Trainer counts the labels across ranks and multiplies the loss by the number of processes, expecting a sum
+    over the batch divided by that global count. BERT's sequence classification and masked-LM heads, T5 and
+    other heads take **kwargs but compute a plain mean with their own CrossEntropyLoss: under any launch of N
+    processes (DDP, ZeRO, FSDP) their loss, and so their gradient, came out N times too large (logged loss 1.39
+    for a binary classifier that one process logs as 0.70; max_grad_norm clipped N times earlier)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):  # no source to read (compiled, built at run time): keep transformers' choice
+        return True
+    for start in (m.end() for m in re.finditer(r"loss_function\(", source)):
+        depth, end = 1, start
+        while depth and end < len(source):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        if "**" in source[start:end]:  # the call passes the Trainer's kwargs on (Llama's sequence head does not)
+            return True
+    return False
+
+
+def mean_loss_across_processes(trainer) -> bool:
+    """Have the Trainer treat a model's loss as the per-batch mean it is, when `loss_counts_items` says the
+    model ignores `num_items_in_batch`. True when it changed the Trainer's setting."""
+    if not getattr(trainer, "model_accepts_loss_kwargs", False) or loss_counts_items(trainer.model):
+        return False
+    trainer.model_accepts_loss_kwargs = False
     return True

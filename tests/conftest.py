@@ -12,6 +12,8 @@ os.environ.setdefault("HF_TUNER_TEST_CACHE", tempfile.mkdtemp(prefix="hf-tuner-t
 os.environ["HF_TUNER_CACHE"] = os.environ["HF_TUNER_TEST_CACHE"]
 
 import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,6 +39,24 @@ def launcher_env(**extra) -> dict:
     """subprocess_env for `accelerate launch` / `torchrun`: without the rank variables of a launch this
     process may itself run under, which the launcher's children would otherwise inherit."""
     return {k: v for k, v in subprocess_env(**extra).items() if k not in LAUNCHER_VARIABLES}
+
+
+def run_launcher(cmd: list[str], trace: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """Run a launcher (or a recipe) in its own process group, with launcher_env and, when `trace` is given,
+    $HF_TUNER_RANK_TRACE set to it: on a timeout (ranks that disagree wait for each other until gloo gives up)
+    the ranks are stopped with it, not left behind."""
+    from hf_tuner.distributed import TRACE_ENV
+
+    env = launcher_env(**({TRACE_ENV: str(trace)} if trace else {}), **env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def free_port() -> int:

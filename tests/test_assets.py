@@ -83,3 +83,21 @@ def test_every_registry_asset_is_pinned():
         if a.package != "local":
             assert PINNED.fullmatch(a.package), (name, a.package)
             assert re.fullmatch(r"[0-9a-f]{64}", a.sha256 or ""), name
+
+
+def test_ranks_building_the_same_asset_at_once_all_get_it(tmp_path):
+    """Every rank of a launch on a fresh cache resolves tiny-bert at the same moment: without the lock they shared
+    one `.partial` folder and one rank's cleanup removed the other's build (FileNotFoundError on rank 1)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = subprocess_env(HF_TUNER_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    code = "from hf_tuner import assets; print(assets.resolve('tiny-bert'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0], [err[-1500:] for _, _, err in results]
+    (folder,) = {out.strip().splitlines()[-1] for _, out, _ in results}  # (deepspeed may log a line first)
+    assert folder.startswith(str(tmp_path / "cache")) and (Path(folder) / assets.MARKER).exists()

@@ -10,15 +10,14 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (WORDS, distinct_definition_rows, free_port, launcher_env, logged_losses, tiny_sft_config,
-                      write_jsonl, write_yaml)
+from conftest import (WORDS, distinct_definition_rows, free_port, launcher_env, logged_losses, run_launcher,
+                      tiny_sft_config, write_jsonl, write_yaml)
 from hf_tuner.config import ConfigError
 from hf_tuner.distributed import TRACE_ENV, check_launch, requested_processes
 
@@ -37,35 +36,20 @@ def _config(tmp: Path, name: str, batch: int, data: Path, **overrides) -> Path:
     return write_yaml(tmp / f"{name}.yaml", cfg)
 
 
-def _run(cmd: list[str], trace: Path | None = None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    """Run a launcher in its own process group: on a timeout (ranks that disagree wait for each other until
-    gloo gives up) the ranks are stopped with it, not left behind."""
-    env = launcher_env(**({TRACE_ENV: str(trace)} if trace else {}), **env)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("ddp")
     data = write_jsonl(tmp / "defs.jsonl", distinct_definition_rows())  # fingerprints identify rows
-    ddp = _run([ACCELERATE, "launch", "--config_file", CPU_DDP,
+    ddp = run_launcher([ACCELERATE, "launch", "--config_file", CPU_DDP,
                 "--main_process_port", str(free_port()), RECIPE, "--config", str(_config(tmp, "ddp", 2, data))],
                tmp / "trace-ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "single", 4, data))], tmp / "trace-single")
+    single = run_launcher([sys.executable, RECIPE, "--config", str(_config(tmp, "single", 4, data))], tmp / "trace-single")
     assert single.returncode == 0, single.stderr[-3000:]
-    again = _run([sys.executable, RECIPE, "--config", str(_config(tmp, "again", 4, data))], tmp / "trace-again")
+    again = run_launcher([sys.executable, RECIPE, "--config", str(_config(tmp, "again", 4, data))], tmp / "trace-again")
     assert again.returncode == 0, again.stderr[-3000:]
     # fsdp.yaml on CPU: accelerate drops the FSDP settings when use_cpu is on, and the recipe says so
-    fsdp = _run([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
+    fsdp = run_launcher([ACCELERATE, "launch", "--config_file", str(ROOT / "recipes/accelerate/fsdp.yaml"),
                  "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                  RECIPE, "--config", str(_config(tmp, "fsdp", 2, data))], tmp / "trace-fsdp")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
@@ -148,7 +132,7 @@ def test_cpu_flag_with_several_processes_is_refused(tmp_path, tiny_llama, monkey
 
     # end to end: the recipe exits with status 2 and says how to launch, before loading anything
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(8)])
-    proc = _run([ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    proc = run_launcher([ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no", RECIPE,
                  "--config", str(_config(tmp_path, "one", 2, data))], tmp_path / "trace")
     # the recipe exits 2 with one line; accelerate's launcher then reports that with its own traceback
@@ -174,7 +158,7 @@ def test_ppo_two_processes_resume_from_a_checkpoint_repeats_the_run(tmp_path, ti
     for name, extra in (("a", {}), ("b", {"output_dir": str(tmp_path / "b"),
                                           "resume_from_checkpoint": str(tmp_path / "a" / "checkpoint-2")})):
         write_yaml(tmp_path / f"{name}.yaml", {**cfg, **extra})
-        run = _run([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
+        run = run_launcher([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
                     recipe, "--config", str(tmp_path / f"{name}.yaml")], PYTHONPATH=path)
         assert run.returncode == 0, run.stderr[-3000:]
     checkpoint = tmp_path / "a" / "checkpoint-2"
@@ -217,7 +201,7 @@ def watched(tmp_path_factory, tiny_llama):
     for name, extra, env in (("stopped", [], {"HF_TUNER_TEST_SIGINT": f"1:{SIGNAL_STEP}"}),
                              ("resumed", ["--resume_from_checkpoint", "latest"], {})):
         record = tmp / f"record-{name}"
-        proc = _run([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
+        proc = run_launcher([ACCELERATE, "launch", "--config_file", CPU_DDP, "--main_process_port", str(free_port()),
                      WATCH, RECIPE, "--config", str(config), *extra],
                     HF_TUNER_WATCH_DIR=str(out), HF_TUNER_WATCH_RECORD=str(record), OMP_NUM_THREADS="1", **env)
         ranks = [json.loads((record / f"rank{r}.json").read_text()) if (record / f"rank{r}.json").is_file() else None

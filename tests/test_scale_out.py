@@ -278,7 +278,14 @@ def test_our_ppo_is_refused_under_fsdp_and_deepspeed_on_gpus(monkeypatch, env):
     monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: True)
     with pytest.raises(ConfigError, match="multi_gpu.yaml.*grpo or rloo"):
         ppo.check_ppo_launch()
-    monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: False)  # CPU: accelerate runs it as DDP
+    monkeypatch.setattr("hf_tuner.devices.cuda_available", lambda: False)
+    if env == "ACCELERATE_USE_FSDP":  # CPU: accelerate runs it as DDP
+        ppo.check_ppo_launch()
+    else:  # CPU: DeepSpeed's CPU accelerator runs the engine for real (tests/test_deepspeed_cpu.py), so refused too
+        pytest.importorskip("deepspeed")
+        with pytest.raises(ConfigError, match="cannot run under DeepSpeed"):
+            ppo.check_ppo_launch()
+    monkeypatch.setenv(env, "false")
     ppo.check_ppo_launch()
 
 

@@ -101,3 +101,30 @@ def test_unknown_vader_source_is_refused(tmp_path, vader):
         train(_config(tmp_path, vader, vader_sources=["reddit"]))
     with pytest.raises(ConfigError, match="peft_method"):
         train(_config(tmp_path, vader, peft_method="magic"))
+
+
+def test_gradient_accumulation_matches_the_same_batch_in_one_step(tmp_path, vader):
+    """4 rows x 2 accumulation steps train as 8 rows in one step. The head's loss is a plain mean that ignores
+    the Trainer's item count; transformers 5.24 took it for a sum over that count (the forward has **kwargs) and
+    did not divide it by the accumulation steps, so the gradient came out twice as large
+    (`hf_tuner.training.mean_loss_across_processes`). Dropout off, so both see the same network."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from hf_tuner import assets
+
+    model = tmp_path / "tiny-bert"
+    shutil.copytree(assets.resolve("tiny-bert"), model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    runs = {}
+    for name, batch, accumulate in (("one_step", 8, 1), ("accumulated", 4, 2)):
+        cfg = _config(tmp_path / name, vader, model_name_or_path=str(model), baseline_model="", few_shot=0,
+                      eval_samples=8, max_steps=4, report_to=[], per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=accumulate, max_grad_norm=1e9)  # no clipping: the raw gradient
+        runs[name] = train(cfg).output_dir
+    assert logged_losses(runs["accumulated"]) == pytest.approx(logged_losses(runs["one_step"]), rel=1e-4)
+    one, acc = (load_file(runs[n] / "model" / "model.safetensors") for n in ("one_step", "accumulated"))
+    assert max((one[k] - acc[k]).abs().max().item() for k in one) < 1e-5

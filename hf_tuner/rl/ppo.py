@@ -148,14 +148,16 @@ def check_ppo_launch() -> None:
     value head as two models (and a frozen reference beside them for full fine-tuning), which accelerate 1.15
     refuses under FSDP2 ("only one model") and DeepSpeed (one engine per prepare, and an "auto" micro-batch
     size with no dataloader to read it from); its checkpoints are written by rank 0 from unsharded weights.
-    Without CUDA, accelerate runs those configs as plain DDP, which works."""
+    Without CUDA, accelerate runs FSDP configs as plain DDP, which works; DeepSpeed runs for real on its CPU
+    accelerator when deepspeed is installed, so it is refused there too."""
     import os
 
     from hf_tuner.devices import cuda_available
+    from hf_tuner.distributed import deepspeed_on_cpu
 
     engine = next((name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
                    if os.environ.get(env, "").lower() in ("1", "true")), None)
-    if engine and cuda_available():
+    if engine and (cuda_available() or (engine == "DeepSpeed" and deepspeed_on_cpu())):
         raise ConfigError(f"algorithm: ppo (ours) cannot run under {engine}: it prepares the policy and a value "
                           f"head as two models, which accelerate refuses under {engine}. Launch it with "
                           "recipes/accelerate/multi_gpu.yaml (DDP; LoRA keeps each GPU's copy small), or use "
