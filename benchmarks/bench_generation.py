@@ -115,13 +115,18 @@ def demo_prompts(n: int, shots: int, tokenizer, config: str):
     return [_prompt_text(tokenizer, task.messages(r)) for r in held_rows], [task.reference(r) for r in held_rows]
 
 
-def arms(lora: bool, bf16: bool, compile_: bool, batch: int) -> list[tuple[str, dict]]:
+def arms(lora: bool, bf16: bool, compile_: bool, batch: int, large: int) -> list[tuple[str, dict]]:
     """Cumulative levers: each arm adds one to the one before."""
     out = [("today: model.generate, batch 16", {"fast": False, "batch": 16, "merge": False}),
-           ("+ shared-prefix cache, finished rows leave", {"fast": True, "batch": 16, "merge": False}),
-           (f"+ batch {batch}", {"fast": True, "batch": batch, "merge": False})]
+           ("+ shared-prefix cache, finished rows leave", {"fast": True, "batch": 16, "merge": False,
+                                                          "in_place": False}),
+           (f"+ batch {batch}", {"fast": True, "batch": batch, "merge": False, "in_place": False}),
+           ("+ cache written in place", {"fast": True, "batch": batch, "merge": False})]
+    if large > batch:
+        out.append((f"+ batch {large} (KV budget {KV_BUDGET_LARGE >> 20} MB)",
+                    {"fast": True, "batch": large, "merge": False, "kv_budget": KV_BUDGET_LARGE}))
     if lora:
-        out.append(("+ LoRA merged into the weights", {"fast": True, "batch": batch, "merge": True}))
+        out.append(("+ LoRA merged into the weights", {**out[-1][1], "merge": True}))
     last = dict(out[-1][1])
     if bf16:
         out.append(("+ bf16 autocast (rounding)", {**last, "bf16": True}))
@@ -130,10 +135,14 @@ def arms(lora: bool, bf16: bool, compile_: bool, batch: int) -> list[tuple[str, 
     return out
 
 
+KV_BUDGET_LARGE = 1024 * 2 ** 20  # the large-batch arm: every zero-shot demo prompt in one batch
+
+
 @torch.no_grad()
 def run_arm(model, tokenizer, prompts: list[str], spec: dict, max_new_tokens: int) -> tuple[list[str], float]:
     from contextlib import ExitStack
 
+    from hf_tuner import generation
     from hf_tuner.generation import DecodingSettings, _eos_ids, _generate, greedy_batched, merged_adapter
 
     settings = DecodingSettings(max_new_tokens=max_new_tokens, batch_size=spec["batch"])
@@ -147,14 +156,18 @@ def run_arm(model, tokenizer, prompts: list[str], spec: dict, max_new_tokens: in
         forward = model.forward
         if spec.get("compile"):
             model.forward = torch.compile(forward, dynamic=True)
+        budget = generation.KV_BUDGET
+        generation.KV_BUDGET = spec.get("kv_budget", budget)
         start = time.perf_counter()
         try:
             if spec["fast"]:
-                tokens = greedy_batched(model, encoded, settings, _eos_ids(model, tokenizer), pad, desc="fast")
+                tokens = greedy_batched(model, encoded, settings, _eos_ids(model, tokenizer), pad, desc="fast",
+                                        in_place=spec.get("in_place", True))
             else:
                 tokens = _generate(model, encoded, settings, pad, False, desc="generate")
         finally:
             model.forward = forward
+            generation.KV_BUDGET = budget
         seconds = time.perf_counter() - start
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens], seconds
 
@@ -166,7 +179,7 @@ def levers(model, tokenizer, label: str, prompt_sets: dict, args, bf16: bool) ->
     lora = hasattr(model, "peft_config")
     for shots, (prompts, references) in prompt_sets.items():
         today = None
-        for name, spec in arms(lora, bf16 and args.bf16, args.compile, args.batch_size):
+        for name, spec in arms(lora, bf16 and args.bf16, args.compile, args.batch_size, args.large_batch_size):
             outputs, seconds = run_arm(model, tokenizer, prompts, spec, args.max_new_tokens)
             tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
             today = today or (outputs, seconds, tokens)
@@ -218,6 +231,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--shots", default="0,3")
     parser.add_argument("--batch_size", type=int, default=64, help="the larger batch of the batch-size lever")
+    parser.add_argument("--large_batch_size", type=int, default=256,
+                        help="the batch of the large-batch lever, under a KV budget of KV_BUDGET_LARGE (0: no such arm)")
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the bf16 lever where the CPU has native bf16")
