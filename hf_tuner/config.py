@@ -402,6 +402,8 @@ def apply_device_defaults(mapping: dict[str, Any], cli: list[str]) -> dict[str, 
 
     given = set(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     out = dict(mapping)
+    if not cuda_available():  # accelerate imports deepspeed at every save; without this it logs its CPU fallback
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if deepspeed_on_cpu() and not out.get("use_cpu"):  # DeepSpeed's CPU accelerator; see deepspeed_on_cpu
         out["use_cpu"] = False
         out.setdefault("ddp_backend", "gloo")
