@@ -119,9 +119,11 @@ def arms(lora: bool, bf16: bool, compile_: bool, batch: int, large: int) -> list
     """Cumulative levers: each arm adds one to the one before."""
     out = [("today: model.generate, batch 16", {"fast": False, "batch": 16, "merge": False}),
            ("+ shared-prefix cache, finished rows leave", {"fast": True, "batch": 16, "merge": False,
-                                                          "in_place": False}),
-           (f"+ batch {batch}", {"fast": True, "batch": batch, "merge": False, "in_place": False}),
-           ("+ cache written in place", {"fast": True, "batch": batch, "merge": False})]
+                                                          "in_place": False, "chunked_head": False}),
+           (f"+ batch {batch}", {"fast": True, "batch": batch, "merge": False, "in_place": False,
+                                 "chunked_head": False}),
+           ("+ cache written in place", {"fast": True, "batch": batch, "merge": False, "chunked_head": False}),
+           ("+ output layer in vocabulary slices", {"fast": True, "batch": batch, "merge": False})]
     if large > batch:
         out.append((f"+ batch {large} (KV budget {KV_BUDGET_LARGE >> 20} MB)",
                     {"fast": True, "batch": large, "merge": False, "kv_budget": KV_BUDGET_LARGE}))
@@ -162,7 +164,8 @@ def run_arm(model, tokenizer, prompts: list[str], spec: dict, max_new_tokens: in
         try:
             if spec["fast"]:
                 tokens = greedy_batched(model, encoded, settings, _eos_ids(model, tokenizer), pad, desc="fast",
-                                        in_place=spec.get("in_place", True))
+                                        in_place=spec.get("in_place", True),
+                                        chunked_head=spec.get("chunked_head", True))
             else:
                 tokens = _generate(model, encoded, settings, pad, False, desc="generate")
         finally:

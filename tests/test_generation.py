@@ -328,3 +328,28 @@ def test_a_decode_batch_keeps_min_rows_while_rows_finish(model_and_tokenizer):
     assert got == expected
     rows = [n for n, _ in calls[1:]]  # after the shared prefix's call
     assert rows[0] == 10 and min(rows) == MIN_ROWS  # rows leave the batch, down to MIN_ROWS and no further
+
+
+def test_the_output_layer_in_vocabulary_slices_gives_the_same_logits(model_and_tokenizer, monkeypatch):
+    from hf_tuner import generation
+    from hf_tuner.generation import chunked_output_layer
+
+    model, tokenizer = model_and_tokenizer
+    head = model.get_output_embeddings()
+    hidden = torch.randn(6, 1, head.in_features)
+    plain = head(hidden)
+    with chunked_output_layer(model, chunk=60):  # 17 slices of 60 or 61 rows
+        assert "forward" in head.__dict__
+        assert torch.equal(head(hidden), plain)  # bit for bit: each logit is the same dot product
+    assert "forward" not in head.__dict__  # restored
+    shapes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: (shapes.append(w.shape[0]), linear(x, w, b))[1])
+    monkeypatch.setattr(generation, "HEAD_CHUNK", 100)
+    prompts = _prompts(tokenizer, 1)
+    encoded, expected = _reference(model, tokenizer, prompts, 16, {tokenizer.eos_token_id}, 6)
+    got = greedy_batched(model, encoded, DecodingSettings(max_new_tokens=6, batch_size=16), {tokenizer.eos_token_id},
+                         tokenizer.pad_token_id)
+    assert got == expected
+    slices = [n for n in shapes if n in (102, 103)]  # 1,024 rows in 10 slices
+    assert len(slices) >= 6 * 10  # every step's output layer ran in slices
