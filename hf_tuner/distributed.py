@@ -184,6 +184,58 @@ def _torch_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# ---- loading under FSDP's cpu_ram_efficient_loading ----
+
+def fill_meta_from_rank0(model) -> list[str]:
+    """Give ranks > 0 rank 0's values for the tensors transformers left on the meta device; the names filled.
+
+    Under `fsdp.yaml` (`fsdp_cpu_ram_efficient_loading: true`), transformers 5.24 loads the checkpoint's weights
+    on every rank, but on ranks > 0 it leaves every *missing* key on the meta device (a new classification or
+    reward head, `score.weight`), counting on FSDP to broadcast rank 0's values when the Trainer prepares the
+    model. The base evaluation runs before that, on each rank's share of the prompts, and a forward with a meta
+    weight cannot run (checked with 2 processes over gloo: rank 1's `score.weight` was on meta). Collective
+    under that environment only: every rank must load at the same point (every load goes through
+    `models.load_pretrained`)."""
+    import torch
+    import torch.distributed as dist
+
+    ram_efficient = all(os.environ.get(v, "").lower() in ("1", "true")
+                        for v in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"))
+    if not ram_efficient or world_size() < 2 or not (dist.is_available() and dist.is_initialized()):
+        return []
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    mine = [name for name, t in tensors.items() if t.device.type == "meta"]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    names = sorted(set().union(*everyone))
+    if not names:
+        return []
+    if rank() == 0 and mine:
+        raise RuntimeError(f"rank 0 holds meta tensors after loading ({mine[:3]}...): nothing to fill them from")
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+        if current.device.type == "meta":  # a real tensor of the same shape, then rank 0's values into it
+            real = torch.empty(current.shape, dtype=current.dtype, device="cpu")
+            if isinstance(current, torch.nn.Parameter):
+                setattr(module, attr, torch.nn.Parameter(real, requires_grad=current.requires_grad))
+            else:
+                module.register_buffer(attr, real, persistent=attr not in module._non_persistent_buffers_set)
+            current = getattr(module, attr)
+        # NCCL moves GPU tensors only (a process group of "cuda:nccl,cpu:gloo" takes CPU ones too)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dist.get_backend() == "nccl" \
+            else current.device
+        with torch.no_grad():
+            values = current.data.to(device)
+            dist.broadcast(values, src=0)
+            current.data.copy_(values)
+    if hasattr(model, "tie_weights"):  # a tied output layer follows its input embedding again
+        model.tie_weights()
+    return names
+
+
 # ---- saving a model that an engine shards: gather on every rank, rank 0 writes ----
 
 def gathered_state_dict(model) -> dict | None:

@@ -124,8 +124,12 @@ def load_pretrained(name_or_path: str, task: str = "causal-lm", dtype: str | tor
     kwargs.setdefault("trust_remote_code", TRUST_REMOTE_CODE)
     kwargs.setdefault("use_safetensors", None if ALLOW_PICKLE else True)
     with without_zero3_init():
-        return getattr(transformers, TASK_CLASSES[task]).from_pretrained(path, dtype=dtype, revision=revision,
-                                                                         **kwargs)
+        loaded = getattr(transformers, TASK_CLASSES[task]).from_pretrained(path, dtype=dtype, revision=revision,
+                                                                           **kwargs)
+    from hf_tuner.distributed import fill_meta_from_rank0
+
+    fill_meta_from_rank0(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
 
 
 def load_model(name_or_path: str, task: str = "causal-lm", dtype: str | torch.dtype | None = "float32",

@@ -492,3 +492,28 @@ def test_slurm_script_derives_port_and_gpus_quotes_arguments_and_picks_deepspeed
     assert argv[argv.index("--main_process_port") + 1] == str(20000 + 4242 % 30000)
     assert argv[argv.index("--deepspeed_multinode_launcher") + 1] == "standard"
     assert argv[-2:] == ["--run_name", "two words"]
+
+
+@pytest.mark.parametrize("ram_efficient", ["true", "false"])
+def test_ranks_above_zero_get_rank_zeros_new_head(tmp_path, tiny_llama, ram_efficient):
+    """fsdp.yaml says fsdp_cpu_ram_efficient_loading: true. transformers 5.24 then leaves the keys a checkpoint
+    lacks (a new classification head) on the meta device on ranks > 0, for FSDP to broadcast at prepare time;
+    the base evaluation comes first and cannot run on a meta weight. `models.load_pretrained` fills them from
+    rank 0: two processes over gloo hold the same real head, each seeded differently."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, launcher_env
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    worker = Path(__file__).parent / "workers" / "fsdp_ram_efficient_load.py"
+    env = launcher_env(ACCELERATE_USE_FSDP="true", FSDP_CPU_RAM_EFFICIENT_LOADING=ram_efficient, OMP_NUM_THREADS="1")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["meta"] for r in ranks] == [[], []]
+    if ram_efficient == "true":
+        assert ranks[1]["score"] == ranks[0]["score"]  # rank 0's head, not rank 1's own draw
+    else:  # nothing to fill: each rank keeps its own initialisation (FSDP is not loading anything here)
+        assert ranks[1]["score"] != ranks[0]["score"]
