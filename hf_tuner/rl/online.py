@@ -149,8 +149,6 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
     write metrics.json and report.md. The gain is judged against the standard error of the difference.
     benchmarks / benchmarks_base: the run's held-out lm-eval benchmarks and the base's results; the tuned policy
     is scored on them too and the report gains the base-vs-tuned table. Call it on every rank."""
-    import math
-
     from hf_tuner.devices import peak_rss_mb
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.distributed import is_main_process, save_pretrained_gathered
@@ -158,16 +156,18 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
 
     save_pretrained_gathered(model, out / "policy", tokenizer)
     tuned = evaluate_model(model, tokenizer, task, settings)
-    from hf_tuner.evaluation.benchmarks import report as report_benchmarks, run_on_main
+    from hf_tuner.evaluation.benchmarks import paired, report as report_benchmarks, run_on_main
 
     bench_tuned = run_on_main(benchmarks, model, tokenizer, out, "tuned") if benchmarks_base else None
     bench_metrics, bench_lines = report_benchmarks(benchmarks_base, bench_tuned)
     b, t = base["metrics"], tuned["metrics"]
-    gain, se = t["mean_reward"] - b["mean_reward"], math.sqrt(b["reward_se"] ** 2 + t["reward_se"] ** 2)
+    # base and tuned answer the same prompts, in the same order: the SE of the gain is the paired one (the SE of
+    # the per-prompt differences), not sqrt(se_b^2 + se_t^2), which treats them as independent samples
+    gain, se = paired(base["rewards"], tuned["rewards"])
     judge = f"judge_{task.judge}" if task.judge and f"judge_{task.judge}" in t else None
     judged = {}
     if judge:  # the same prompts and samples, scored by a judge the policy was not trained against
-        j_gain, j_se = t[judge] - b[judge], math.sqrt(b[f"{judge}_se"] ** 2 + t[f"{judge}_se"] ** 2)
+        j_gain, j_se = paired(base["judge_scores"], tuned["judge_scores"])
         judged = {f"{judge}_gain": j_gain, f"{judge}_gain_se": j_se, f"{judge}_gain_over_2se": j_gain > 2 * j_se}
     has_curves = False
     if is_main_process():
@@ -179,7 +179,7 @@ def finish_rl_run(out: Path, title: str, model, tokenizer, task, settings, base:
                "eval_seconds": {"base": base["seconds"], "tuned": tuned["seconds"]},
                "held_out_benchmarks": bench_metrics}
     lines = [*(notes or []), *(["## RL curves", "", "![rl curves](rl_curves.png)", ""] if has_curves else []),
-             f"Reward gain {gain:+.3f}, standard error of the difference {se:.3f}: "
+             f"Reward gain {gain:+.3f}, paired standard error (over the same prompts) {se:.3f}: "
              f"{'more' if gain > 2 * se else 'not more'} than twice it. KL is to the reference policy in nats per "
              "response, estimated on the policy's own samples.", ""]
     if judge:
