@@ -399,6 +399,8 @@ def test_trl_algorithms_run_through_the_same_recipe(tmp_path, tiny_llama, algori
     assert sum(map(len, training)) == 2 * 8, [len(x) for x in scored]
     history = json.loads((result.output_dir / "rl_history.json").read_text())
     assert [h["step"] for h in history] == [1, 2]
+    # TRL's kl is a per-token mean; ours (PPO's `kl`) is nats per response: never under one name
+    assert all("kl_per_token" in h and "kl" not in h for h in history), history
     for h, rewards in zip(history, training):
         assert h["reward"] == pytest.approx(sum(rewards) / len(rewards), rel=1e-4)
     # and the policy moved: the adapter changes the logits, and the tuned policy is measured away from the base
@@ -549,3 +551,24 @@ def test_ppo_full_fine_tuning_resumes_from_a_periodic_checkpoint(tmp_path, tiny_
                      "resume_from_checkpoint": str(first.output_dir / "checkpoint-2")})
     weights = "policy/model.safetensors"
     _assert_same_run(_history_and_weights(first.output_dir, weights), _history_and_weights(resumed.output_dir, weights))
+
+
+def test_ppo_checkpoints_keep_the_cuda_rng_states_too(monkeypatch):
+    """Sampling on a GPU draws from the CUDA generators: a checkpoint that kept only the CPU state resumed with
+    other samples. No GPU here, so torch.cuda's four RNG calls stand in for the device (our save and restore are
+    what is under test); a checkpoint from before (a bare CPU state tensor) still loads."""
+    from hf_tuner.rl.ppo import rng_states, set_rng_states
+
+    device_state, restored = [torch.arange(4, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [t.clone() for t in device_state])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    torch.manual_seed(3)
+    states = rng_states()
+    expected = torch.rand(3)
+    torch.rand(5)  # the run goes on after the checkpoint
+    set_rng_states(states)
+    assert torch.equal(torch.rand(3), expected)
+    assert len(restored) == 1 and torch.equal(restored[0][0], device_state[0])
+    set_rng_states(states["cpu"])  # an older checkpoint: CPU only, nothing for the device
+    assert torch.equal(torch.rand(3), expected) and len(restored) == 1

@@ -7,9 +7,11 @@ import random
 import time
 from pathlib import Path
 
-# What every algorithm logs per step, under one name each (TRL's names mapped in _from_trl).
-CURVES = ["reward", "kl", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"]
-TRL_NAMES = {"reward": "reward", "kl": "kl", "entropy": "entropy", "clip_ratio/region_mean": "clipfrac",
+# What every algorithm logs per step, under one name each (TRL's names mapped in _from_trl). Our PPO's `kl` is
+# nats per response (summed over its tokens); TRL logs a per-token mean under the same name, so it is renamed
+# `kl_per_token` here and the two never share a curve.
+CURVES = ["reward", "kl", "kl_per_token", "entropy", "clipfrac", "approx_kl", "vf_loss", "response_length"]
+TRL_NAMES = {"reward": "reward", "kl": "kl_per_token", "entropy": "entropy", "clip_ratio/region_mean": "clipfrac",
              "completions/mean_length": "response_length"}
 
 

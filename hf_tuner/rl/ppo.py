@@ -164,6 +164,24 @@ def check_ppo_launch() -> None:
                           "algorithm: grpo or rloo, whose TRL trainers run under FSDP and DeepSpeed.")
 
 
+def rng_states() -> dict:
+    """The RNG states a resumed PPO run needs to sample as the uninterrupted one: the CPU generator and, on a
+    GPU, every CUDA device's (sampling draws on the device the policy runs on)."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states) -> None:
+    """Restore `rng_states()`; a bare tensor is a checkpoint written before the CUDA states were kept (CPU only)."""
+    if isinstance(states, torch.Tensor):
+        states = {"cpu": states}
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 # ---- rollouts and scoring: hf_tuner.policy_sampling ----
 
 def disable_dropout(model: nn.Module) -> None:
@@ -318,7 +336,7 @@ class PPOTrainer:
             folder.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         rank = acc.process_index
-        torch.save(torch.get_rng_state(), folder / f"rng_state_{rank}.pt")
+        torch.save(rng_states(), folder / f"rng_state_{rank}.pt")
         (folder / f"loop_state_{rank}.json").write_text(json.dumps(loop_state))
         if acc.is_main_process:
             if hasattr(self.model, "peft_config"):
@@ -353,7 +371,7 @@ class PPOTrainer:
             load_file(str(folder / "value_head.safetensors")))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(folder / f"rng_state_{rank}.pt", weights_only=True))
+        set_rng_states(torch.load(folder / f"rng_state_{rank}.pt", weights_only=True))
         state = json.loads((folder / "ppo_state.json").read_text())
         self.kl.value, self.history = state["kl_coef"], state["history"]
         return json.loads((folder / f"loop_state_{rank}.json").read_text())
