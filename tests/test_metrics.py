@@ -89,3 +89,10 @@ def test_exact_match_distinct_and_length():
     assert m["distinct_2"] == pytest.approx(1 / 2)  # bigrams (a b) (a b)
     assert m["mean_length"] == pytest.approx(5 / 3)
     assert distinct_n(["", ""], 2) == 0.0
+
+
+def test_exact_match_strips_references_as_generations_are_stripped():
+    """Generations come back stripped (generation.py decodes with .strip()); a reference's trailing newline or
+    leading space must not turn a match into a miss."""
+    m = text_metrics(["Paris", "blue"], ["Paris\n", " red "], names=["exact_match"])
+    assert m["exact_match"] == 0.5

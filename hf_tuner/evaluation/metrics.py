@@ -45,8 +45,9 @@ def text_metrics(predictions: list[str], references: list[str], names=TEXT_METRI
         out.update(load_metric("rouge").compute(predictions=predictions, references=references, rouge_types=rouge))
     if "bleu" in names:
         out["bleu"] = load_metric("bleu").compute(predictions=predictions, references=references)["bleu"]
-    if "exact_match" in names:  # the Hub `exact_match` default: plain string equality
-        out["exact_match"] = sum(p == r for p, r in zip(predictions, references)) / max(len(predictions), 1)
+    if "exact_match" in names:  # string equality after stripping both sides: generations are decoded stripped
+        # (generation.py), so a reference with a trailing newline from its JSONL could never match
+        out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(predictions), 1)
     if "distinct_1" in names:
         out["distinct_1"] = distinct_n(predictions, 1)
     if "distinct_2" in names:
