@@ -28,9 +28,9 @@ ZERO = {stage: str(ROOT / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yam
 
 
 def _launch(stage: int, recipe: str, cfg: Path, trace: Path | None = None):
-    proc = run_launcher([ACCELERATE, "launch", "--config_file", ZERO[stage], "--num_processes", "2", "--mixed_precision",
-                 "no", "--main_process_port", str(free_port()), str(ROOT / "recipes" / f"{recipe}.py"),
-                 "--config", str(cfg)], trace, timeout=400)
+    proc = run_launcher([ACCELERATE, "launch", "--config_file", ZERO[stage], "--num_processes", "2",
+                         "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                         str(ROOT / "recipes" / f"{recipe}.py"), "--config", str(cfg)], trace, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -124,7 +124,8 @@ def test_zero3_full_fine_tuning_saves_gathered_weights(tmp_path, tiny_llama):
         data, tmp_path / "zero3", per_device_train_batch_size=2, **common)))
     _single("sft_instruction", write_yaml(tmp_path / "o.yaml", tiny_sft_config(
         data, tmp_path / "one", per_device_train_batch_size=4, **common)))
-    zero3, one = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "adapter").state_dict() for run in ("zero3", "one"))
+    zero3, one = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "adapter").state_dict()
+                  for run in ("zero3", "one"))
     _close_tensors(zero3, one)
     start = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
     assert any(not torch.equal(zero3[k], start[k]) for k in start)  # trained, not the starting weights
@@ -145,7 +146,8 @@ def test_zero2_sequence_classification_matches_one_process(tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     vader = write_vader_folder(tmp_path / "vader")
     cfg = {"model_name_or_path": str(model), "dataset_name": str(vader), "vader_sources": ["movieReviewSnippets"],
-           "eval_samples": 8, "few_shot": 0, "baseline_model": "", "max_length": 32, "peft_method": "full", "max_steps": 4,
+           "eval_samples": 8, "few_shot": 0, "baseline_model": "", "max_length": 32, "peft_method": "full",
+           "max_steps": 4,
            "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": [], "bf16": False, "seed": 0}
     _launch(2, "sft_classification", write_yaml(tmp_path / "z.yaml", {
         **cfg, "output_dir": str(tmp_path / "zero2"), "per_device_train_batch_size": 4}))

@@ -345,7 +345,8 @@ def _assert_judged(result):
     assert train["judge_vader_gain"] == pytest.approx(result.metrics["tuned"]["judge_vader"]
                                                       - result.metrics["base"]["judge_vader"])
     # the gains' standard errors are the paired ones: the SE of the per-prompt differences
-    for name, gain, se in (("reward", "reward_gain", "gain_se"), ("judge_vader", "judge_vader_gain", "judge_vader_gain_se")):
+    for name, gain, se in (("reward", "reward_gain", "gain_se"),
+                           ("judge_vader", "judge_vader_gain", "judge_vader_gain_se")):
         d = torch.tensor([g[f"tuned_{name}"] - g[f"base_{name}"] for g in generations], dtype=torch.float64)
         assert train[gain] == pytest.approx(d.mean().item())
         assert train[se] == pytest.approx((d.std() / len(d) ** 0.5).item()), name

@@ -47,7 +47,8 @@ def text_metrics(predictions: list[str], references: list[str], names=TEXT_METRI
         out["bleu"] = load_metric("bleu").compute(predictions=predictions, references=references)["bleu"]
     if "exact_match" in names:  # string equality after stripping both sides: generations are decoded stripped
         # (generation.py), so a reference with a trailing newline from its JSONL could never match
-        out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(predictions), 1)
+        matches = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        out["exact_match"] = matches / max(len(predictions), 1)
     if "distinct_1" in names:
         out["distinct_1"] = distinct_n(predictions, 1)
     if "distinct_2" in names:
