@@ -259,11 +259,9 @@ def _in_place_layer_class():
                 self.lazy_initialization(key_states, value_states)
             n, q = self.keys.shape[-2], key_states.shape[-2]
             if n + q > self._keys.shape[-2]:  # past the planned length (a caller that did not size it): grow
-                grown = max(2 * self._keys.shape[-2], n + q)
-                self._keys = torch.cat([self.keys, self.keys.new_empty(self.keys.shape[:2] + (grown - n,) +
-                                                                       self.keys.shape[3:])], dim=-2)
-                self._values = torch.cat([self.values, self.values.new_empty(self.values.shape[:2] + (grown - n,) +
-                                                                             self.values.shape[3:])], dim=-2)
+                room = max(2 * self._keys.shape[-2], n + q) - n
+                self._keys, self._values = (torch.cat([t, t.new_empty(t.shape[:2] + (room,) + t.shape[3:])], dim=-2)
+                                            for t in (self.keys, self.values))
             self._keys[:, :, n:n + q].copy_(key_states)
             self._values[:, :, n:n + q].copy_(value_states)
             self.keys, self.values = self._keys[:, :, :n + q], self._values[:, :, :n + q]
@@ -355,9 +353,9 @@ class SharedPrefix:
 # Vocabulary rows per GEMM of the output layer in the greedy loop. One GEMM over a 49k-row vocabulary packs the
 # whole 113 MB matrix for a few dozen rows of input, out of cache; slices of 1,024 rows (2.4 MB) stay in cache, and
 # the layer took 14% less time per token at 50 rows, 6% at 200 (one thread, SmolLM2-135M). Every logit is still
-# the dot product of the same row and column, with the same summation over the hidden size: the same values
-# (checked bit for bit; only very thin slices, 8 rows or fewer, take a GEMM path that rounds differently, so the
-# slices are of equal sizes near HEAD_CHUNK, never a thin remainder).
+# the dot product of the same row and column: bit for bit at one thread (very thin slices, 8 rows or fewer, take a
+# GEMM path that rounds differently, so the slices are of equal sizes near HEAD_CHUNK, never a thin remainder), but
+# not at two, where the GEMM splits its work otherwise. So it is opt-in (`greedy_batched(chunked_head=True)`).
 HEAD_CHUNK = 1024
 
 
@@ -401,7 +399,7 @@ def greedy_batched(model, encoded: list[list[int]], settings: DecodingSettings, 
     - the prompts' common prefix is run once (`SharedPrefix`) and its cache copied into every batch;
     - the cache is written in place (`in_place_cache`) instead of concatenated anew at every step;
     - a row that has ended (an EOS id or max_new_tokens) leaves the batch, with its cache rows (down to MIN_ROWS);
-    - the output layer runs in vocabulary slices that stay in cache (`chunked_output_layer`);
+    - optionally (`chunked_head`), the output layer in vocabulary slices that stay in cache;
     - batches are as large as `settings.batch_size` and the KV budget allow, and of equal sizes.
     The arithmetic is the same as `model.generate`'s greedy search, so the tokens agree with it (rounding can
     differ with the batch shapes; benchmarks/bench_generation.py counts the outputs that differ).

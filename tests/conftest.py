@@ -133,6 +133,20 @@ def wide_tiny_llama(tiny_llama):
     return model, tokenizer
 
 
+def dropout_free_copy(asset: str, target: Path) -> Path:
+    """A copy of a tiny model asset with dropout off, for comparisons across processes or batch layouts (each
+    rank, and each micro-batch, would draw its own masks)."""
+    import shutil
+
+    from hf_tuner import assets
+
+    shutil.copytree(assets.resolve(asset), target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (distinct_definition_rows, free_port, launcher_env, logged_losses, run_launcher,
-                      tiny_sft_config, write_jsonl, write_vader_folder, write_yaml)
+from conftest import (distinct_definition_rows, dropout_free_copy, free_port, launcher_env, logged_losses,
+                      run_launcher, tiny_sft_config, write_jsonl, write_vader_folder, write_yaml)
 
 pytest.importorskip("deepspeed", reason="make install takes hf-tuner[deepspeed]")
 
@@ -135,15 +135,7 @@ def test_zero2_sequence_classification_matches_one_process(tmp_path):
     """ZeRO-2 shards the optimizer state and gradients of a full fine-tuning: the same losses and weights as one
     process. (Before `hf_tuner.training.mean_loss_across_processes`, the loss and gradients of this head came out
     twice as large with 2 processes.) Dropout off: each rank draws its own masks."""
-    import shutil
-
-    from hf_tuner import assets
-
-    model = tmp_path / "tiny-bert"
-    shutil.copytree(assets.resolve("tiny-bert"), model)
-    config = json.loads((model / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (model / "config.json").write_text(json.dumps(config))
+    model = dropout_free_copy("tiny-bert", tmp_path / "tiny-bert")
     vader = write_vader_folder(tmp_path / "vader")
     cfg = {"model_name_or_path": str(model), "dataset_name": str(vader), "vader_sources": ["movieReviewSnippets"],
            "eval_samples": 8, "few_shot": 0, "baseline_model": "", "max_length": 32, "peft_method": "full",

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from conftest import assert_loss_falls, assert_run_files, logged_losses, write_vader_folder
+from conftest import (assert_loss_falls, assert_run_files, dropout_free_copy, logged_losses,
+                      write_vader_folder)
 from hf_tuner.config import ConfigError
 from recipes.sft_classification import train
 
@@ -108,17 +109,9 @@ def test_gradient_accumulation_matches_the_same_batch_in_one_step(tmp_path, vade
     the Trainer's item count; transformers 5.24 took it for a sum over that count (the forward has **kwargs) and
     did not divide it by the accumulation steps, so the gradient came out twice as large
     (`hf_tuner.training.mean_loss_across_processes`). Dropout off, so both see the same network."""
-    import shutil
-
     from safetensors.torch import load_file
 
-    from hf_tuner import assets
-
-    model = tmp_path / "tiny-bert"
-    shutil.copytree(assets.resolve("tiny-bert"), model)
-    config = json.loads((model / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    (model / "config.json").write_text(json.dumps(config))
+    model = dropout_free_copy("tiny-bert", tmp_path / "tiny-bert")
     runs = {}
     for name, batch, accumulate in (("one_step", 8, 1), ("accumulated", 4, 2)):
         cfg = _config(tmp_path / name, vader, model_name_or_path=str(model), baseline_model="", few_shot=0,
