@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from hf_tuner.distributed import parameters_sharded
+
 DECODING_PRESETS: dict[str, dict] = {
     "greedy": {"do_sample": False, "num_beams": 1},
     "beam": {"do_sample": False, "num_beams": 4},
@@ -52,7 +54,7 @@ def _fast_greedy_blocker(model, settings: DecodingSettings) -> str | None:
         return "not greedy"
     if not settings.fast_greedy:
         return "fast_greedy off"
-    if _sharded(model):  # ZeRO-3 / FSDP gather weights collectively: `generate(synced_gpus=...)` keeps ranks in step
+    if parameters_sharded(model):  # ZeRO-3 / FSDP gather collectively: `generate(synced_gpus=...)` keeps ranks in step
         return "sharded parameters"
     if is_encoder_decoder(model):
         return "an encoder-decoder"
@@ -64,10 +66,6 @@ def _fast_greedy_blocker(model, settings: DecodingSettings) -> str | None:
         if value not in (default, None):
             return f"generation_config.{field}={value!r}"
     return None
-
-
-def _sharded(model) -> bool:
-    return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -116,7 +114,7 @@ def merged_adapter(model):
            and not model.active_peft_config.is_prompt_learning
            and not getattr(model, "is_quantized", False)
            and not getattr(getattr(model, "config", None), "quantization_config", None)
-           and not _sharded(model)
+           and not parameters_sharded(model)
            and not _adapter_merged_or_disabled(model))
     if not can:
         yield model
