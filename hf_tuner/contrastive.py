@@ -56,13 +56,26 @@ def encode(model, tokenizer, texts: list[str], batch_size: int = 64, max_length:
     return torch.cat(out) if out else torch.empty(0)
 
 
-def retrieval_metrics(queries: torch.Tensor, passages: torch.Tensor, gold: list[int] | None = None,
-                      ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
-    """recall@k and MRR of query i's gold passage (default: passage i) among all passages, by cosine."""
+def gold_ranks(queries: torch.Tensor, passages: torch.Tensor, gold: list[int] | None = None) -> torch.Tensor:
+    """The rank (1 = first) of query i's gold passage (default: passage i) among all passages, by cosine."""
     scores = F.normalize(queries, dim=-1) @ F.normalize(passages, dim=-1).T
     gold_t = torch.arange(len(queries)) if gold is None else torch.tensor(gold)
     gold_scores = scores[torch.arange(len(queries)), gold_t]
-    ranks = (scores > gold_scores[:, None]).sum(1) + 1  # ties go to the gold passage
+    return (scores > gold_scores[:, None]).sum(1) + 1  # ties go to the gold passage
+
+
+def per_query_scores(ranks: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, list[float]]:
+    """Each query's recall@k (0 or 1), reciprocal rank and rank: the metrics are their means."""
+    out = {f"recall@{k}": (ranks <= k).float().tolist() for k in ks}
+    out["mrr"] = (1.0 / ranks.float()).tolist()
+    out["mean_rank"] = ranks.float().tolist()
+    return out
+
+
+def retrieval_metrics(queries: torch.Tensor, passages: torch.Tensor, gold: list[int] | None = None,
+                      ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """recall@k and MRR of query i's gold passage (default: passage i) among all passages, by cosine."""
+    ranks = gold_ranks(queries, passages, gold)
     out = {f"recall@{k}": float((ranks <= k).float().mean()) for k in ks}
     out["mrr"] = float((1.0 / ranks.float()).mean())
     out["mean_rank"] = float(ranks.float().mean())
@@ -76,9 +89,12 @@ def evaluate_retrieval(model, tokenizer, rows: list[dict], batch_size: int = 64,
     start = time.perf_counter()
     q = encode(model, tokenizer, [r["query"] for r in rows], batch_size, max_length)
     p = encode(model, tokenizer, [r["passage"] for r in rows], batch_size, max_length)
+    from hf_tuner.evaluation.significance import Stat
+
     metrics = retrieval_metrics(q, p)
     top = (q @ p.T).topk(min(3, len(rows)), dim=1).indices.tolist()
-    return {"metrics": metrics, "top": top, "seconds": time.perf_counter() - start}
+    per_example = {k: Stat("mean", v) for k, v in per_query_scores(gold_ranks(q, p)).items()}  # report.gains
+    return {"metrics": metrics, "top": top, "seconds": time.perf_counter() - start, "per_example": per_example}
 
 
 class PairCollator:

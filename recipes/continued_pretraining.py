@@ -117,7 +117,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.evaluation.tasks import LanguageModelingTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
@@ -197,6 +197,7 @@ def train(config=None) -> RunResult:
         "base": results["base"]["metrics"],
         "baselines": {},
         "tuned": results["tuned"]["metrics"],
+        "gain": gains(results),
         "train": train_summary(trainer, train_output, runtime, objective=run.objective, peft_method=run.peft_method,
                                train_documents=None if data.streaming else len(train_docs),
                                held_out_documents=[d["name"] for d in held_docs],

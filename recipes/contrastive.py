@@ -93,7 +93,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.contrastive import ContrastiveTrainer, PairCollator, evaluate_retrieval
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.models import check_model_source, load_encoder
     from hf_tuner.validation import check_batch
 
@@ -134,7 +134,7 @@ def train(config=None) -> RunResult:
     if is_main_process():
         tokenizer.save_pretrained(out / "model")
     metrics = {"base_label": "base (pretrained encoder)", "base": results["base"]["metrics"], "baselines": {},
-               "tuned": results["tuned"]["metrics"],
+               "tuned": results["tuned"]["metrics"], "gain": gains(results),
                "train": train_summary(trainer, train_output, runtime, train_pairs=len(train_rows),
                                       eval_pairs=len(held_rows), temperature=run.temperature,
                                       peak_rss_mb=peak_rss_mb()),

@@ -88,7 +88,10 @@ def _rows(questions: list[dict], hits: list[list[dict]], with_context: bool) -> 
 def _scored(result: dict, rows: list[dict]) -> dict:
     from hf_tuner.retrieval import groundedness
 
+    from hf_tuner.evaluation.significance import Stat
+
     g = [groundedness(p, r["passages"]) for p, r in zip(result["predictions"], rows)]
+    result["per_example"]["groundedness"] = Stat("mean", g)  # for the paired bootstrap (report.gains)
     return {**result["metrics"], "groundedness": sum(g) / max(len(g), 1)}
 
 
@@ -106,7 +109,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
     from hf_tuner.retrieval import PassageIndex, load_encoder, load_knowledge_base
@@ -177,6 +180,7 @@ def train(config=None) -> RunResult:
     scored = {k: _scored(v, rows["no_context" if k == "base" else "context"]) for k, v in results.items()}
     metrics = {"base_label": "base, no context", "base": scored["base"],
                "baselines": {"with retrieved context": scored["context"]}, "tuned": scored["tuned"],
+               "gain": gains({"with retrieved context" if k == "context" else k: v for k, v in results.items()}),
                "retrieval": retrieval,
                "train": train_summary(trainer, train_output, runtime, train_questions=len(train_q),
                                       eval_questions=len(held_q), peft_method=peft.method, peak_rss_mb=peak_rss_mb()),

@@ -89,16 +89,18 @@ def _dataset(specs, rows_by_task, tokenizer, max_length):
 
 
 def _evaluate(model, tokenizer, specs, held, settings) -> dict:
-    """Flat metrics {"<task>/<metric>": value} for every task, through the harness."""
+    """{"metrics": {"<task>/<metric>": value}, "per_example": {"<task>/<metric>": Stat}} for every task, through
+    the harness (per_example: what each row adds to the metric, for the paired bootstrap of report.gains)."""
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.tasks import ClassificationTask, RegressionTask
 
-    out = {}
+    out: dict = {"metrics": {}, "per_example": {}}
     for spec in specs:
         task = (ClassificationTask(spec.name, held[spec.name], labels=spec.labels) if spec.kind == "classification"
                 else RegressionTask(spec.name, held[spec.name]))
-        metrics = evaluate_model(model.for_task(spec.name), tokenizer, task, settings)["metrics"]
-        out.update({f"{spec.name}/{m}": metrics[m] for m in PRIMARY[spec.kind]})
+        result = evaluate_model(model.for_task(spec.name), tokenizer, task, settings)
+        for part in ("metrics", "per_example"):
+            out[part].update({f"{spec.name}/{m}": result[part][m] for m in PRIMARY[spec.kind] if m in result[part]})
     return out
 
 
@@ -124,7 +126,7 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.distributed import is_main_process
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import TABLE_METRICS, gains, write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source
     from hf_tuner.multitask import MultiTaskModel
@@ -156,14 +158,15 @@ def train(config=None) -> RunResult:
 
     # 5. evaluate it, and single-task models trained with the same budget (steps x batch size)
     tuned = _evaluate(trainer.model, tokenizer, specs, held_rows, settings)
-    single, single_runtime = {}, {}
+    single, single_runtime = {"metrics": {}, "per_example": {}}, {}
     if run.single_task_baselines and len(specs) > 1:
         for spec in specs:
             one, _ = MultiTaskModel.from_encoder(mcfg.model_name_or_path, [spec])
             one_args = dataclasses.replace(args, output_dir=str(out / "single_task" / spec.name), max_steps=steps,
                                            report_to="none")
             one_trainer, _, seconds, _ = _fit(one, tokenizer, one_args, [spec], train_rows, run)
-            single.update(_evaluate(one_trainer.model, tokenizer, [spec], held_rows, settings))
+            for part, values in _evaluate(one_trainer.model, tokenizer, [spec], held_rows, settings).items():
+                single[part].update(values)
             single_runtime[spec.name] = seconds
 
     # 6. report
@@ -172,9 +175,11 @@ def train(config=None) -> RunResult:
         tokenizer.save_pretrained(out / "model" / "encoder")
     metrics = {
         "base_label": "base (untrained heads)",
-        "base": base,
-        "baselines": {"single-task, same budget": single} if single else {},
-        "tuned": tuned,
+        "base": base["metrics"],
+        "baselines": {"single-task, same budget": single["metrics"]} if single["metrics"] else {},
+        "tuned": tuned["metrics"],
+        "gain": gains({"base": base, "single-task, same budget": single, "tuned": tuned},
+                      {name: TABLE_METRICS.get(name.rsplit("/", 1)[-1]) for name in tuned["per_example"]}),
         "train": train_summary(trainer, output, runtime, tasks=run.task_names, task_sampling=run.task_sampling,
                                task_weights=weights, train_rows={t: len(r) for t, r in train_rows.items()},
                                eval_rows={t: len(r) for t, r in held_rows.items()},

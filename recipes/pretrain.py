@@ -100,7 +100,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.evaluation.tasks import LanguageModelingTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source
@@ -160,7 +160,7 @@ def train(config=None) -> RunResult:
         tokenizer.save_pretrained(out / "model")
     n_params = sum(p.numel() for p in trainer.model.parameters())
     metrics = {"base_label": "base (random init)", "base": results["base"]["metrics"], "baselines": {},
-               "tuned": results["tuned"]["metrics"], "tokenizer": token_rows,
+               "tuned": results["tuned"]["metrics"], "gain": gains(results), "tokenizer": token_rows,
                "train": train_summary(trainer, train_output, runtime, train_blocks=len(blocks),
                                       train_documents=len(train_docs), held_out_documents=len(held_docs),
                                       parameters=n_params, tokenizer_seconds=tokenizer_seconds,

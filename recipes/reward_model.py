@@ -104,7 +104,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.bias import bias_for_model, bias_section, check_bias_terms
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.evaluation.tasks import PreferenceTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model
@@ -156,7 +156,7 @@ def train(config=None) -> RunResult:
         plot_rewards(results["tuned"]["chosen"], results["tuned"]["rejected"], out / "reward_distribution.png",
                      f"tuned reward model on {len(held_pairs)} held-out pairs")
     metrics = {"base_label": "base (untrained head)", "base": results["base"]["metrics"], "baselines": {},
-               "tuned": results["tuned"]["metrics"],
+               "tuned": results["tuned"]["metrics"], "gain": gains(results),
                "train": train_summary(trainer, train_output, runtime, train_pairs=len(train_pairs),
                                       eval_pairs=len(held_pairs), truncated_pairs=truncated,
                                       peft_method=run.peft_method, peak_rss_mb=peak_rss_mb()),

@@ -97,7 +97,7 @@ def train(config=None) -> RunResult:
 
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import GenerationTask, evaluate_model
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_seq2seq_model
     from hf_tuner.training import planned_steps
@@ -158,6 +158,7 @@ def train(config=None) -> RunResult:
         "base": results["base"]["metrics"],
         "baselines": {},
         "tuned": results["tuned"]["metrics"],
+        "gain": gains(results),
         "train": train_summary(trainer, train_output, runtime, model=how, train_examples=len(train_rows),
                                eval_examples=len(held_rows)),
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},

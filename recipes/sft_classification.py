@@ -100,7 +100,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.devices import set_cpu_threads
     from hf_tuner.evaluation import evaluate_model
     from hf_tuner.evaluation.bias import bias_for_model, bias_section, check_bias_terms
-    from hf_tuner.evaluation.report import plot_confusion_matrix, write_run_record
+    from hf_tuner.evaluation.report import gains, plot_confusion_matrix, write_run_record
     from hf_tuner.evaluation.tasks import ClassificationTask
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model, load_tokenizer
@@ -178,6 +178,7 @@ def train(config=None) -> RunResult:
         "base": results["base"]["metrics"],
         "baselines": {f"{run.baseline_model} {k}": results[k]["metrics"] for k in baseline_names},
         "tuned": results["tuned"]["metrics"],
+        "gain": gains({f"{run.baseline_model} {k}" if k in baseline_names else k: v for k, v in results.items()}),
         "train": train_summary(trainer, train_output, runtime, train_examples=len(train_rows),
                                eval_examples=len(held_rows), peft_method=run.peft_method),
         "eval_seconds": {k: v["seconds"] for k, v in results.items()},

@@ -75,7 +75,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.distributed import is_main_process, trace_ranks
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
-    from hf_tuner.evaluation.report import write_run_record
+    from hf_tuner.evaluation.report import gains, write_run_record
     from hf_tuner.generation import DecodingSettings
     from hf_tuner.models import check_model_source, load_model, load_tokenizer
     from hf_tuner.progress import RunClock
@@ -189,6 +189,7 @@ def train(config=None) -> RunResult:
         "base": results["base"]["metrics"] if "base" in results else {},
         "baselines": {k: v["metrics"] for k, v in results.items() if k not in ("base", "tuned")},
         "tuned": results["tuned"]["metrics"],
+        "gain": gains(results),
         "train": {"runtime_s": runtime, "train_loss": train_output.training_loss,
                   "steps": trainer.state.global_step,
                   "train_examples": None if data.streaming else len(train_rows),

@@ -77,6 +77,9 @@ def test_recipe_trains_an_embedding_that_retrieves_better_and_reloads(tmp_path, 
     assert_loss_falls(logged_losses(result.output_dir), window=5, by=0.3)
     m = result.metrics
     assert m["tuned"]["mrr"] > m["base"]["mrr"] + 0.1, m
+    # the paired bootstrap over the 16 held-out queries: tuned minus the base encoder
+    assert m["gain"]["mrr"]["difference"] == pytest.approx(m["tuned"]["mrr"] - m["base"]["mrr"])
+    assert m["gain"]["mrr"]["examples"] == 16 and m["gain"]["mean_rank"]["baseline"] == "base"
     assert m["train"]["eval_pairs"] == 16 and m["train"]["train_pairs"] == len(NOUNS) - 16
     assert_run_files(result.output_dir, ("metrics.json", "report.md", "config.yaml", "model/config.json",
                                          "model/model.safetensors", "model/tokenizer.json"))

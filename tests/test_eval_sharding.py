@@ -86,6 +86,7 @@ def test_every_rank_gets_exactly_the_single_process_result(launched, single, tas
     if task == "generation":  # greedy texts, generation stats, ROUGE/BLEU and perplexity
         assert len(set(expected["predictions"])) > 1 and expected["metrics"]["perplexity"] > 1
         assert expected["generation"]["prompts"] == 7
+        assert len(expected["per_example"]["perplexity"]["values"]) == 7  # each row's log-loss, gathered in order
 
 
 @pytest.mark.parametrize("task", SHARED)

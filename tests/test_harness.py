@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,17 +37,20 @@ def test_batched_greedy_generation_equals_one_by_one(model_and_tokenizer):
 def test_perplexity_equals_a_naive_per_example_computation(model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompts = [_chat(tok, p) for p in PROMPTS]
-    nll, n = 0.0, 0
+    rows = []
     with torch.no_grad():
         for p, a in zip(prompts, ANSWERS):
             p_ids = tok(p, add_special_tokens=False)["input_ids"]
             ids = tok(p + a + tok.eos_token, add_special_tokens=False)["input_ids"]
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            for t in range(len(p_ids), len(ids)):
-                nll -= logp[t - 1, ids[t]].item()
-                n += 1
-    expected = math.exp(nll / n)
-    assert reference_perplexity(model, tok, prompts, ANSWERS, batch_size=3) == pytest.approx(expected, rel=1e-4)
+            rows.append((-sum(logp[t - 1, ids[t]].item() for t in range(len(p_ids), len(ids))), len(ids) - len(p_ids)))
+    expected = math.exp(sum(r[0] for r in rows) / sum(r[1] for r in rows))
+    per_row = []  # each row's own log-loss and token count, in prompt order (the paired bootstrap's input)
+    assert reference_perplexity(model, tok, prompts, ANSWERS, batch_size=3, per_row=per_row) == pytest.approx(
+        expected, rel=1e-4)
+    assert len({n for _, n in rows}) > 1  # rows of different lengths: batches are in length order, not prompt order
+    assert [n for _, n in per_row] == [n for _, n in rows]
+    assert [x for x, _ in per_row] == pytest.approx([x for x, _ in rows], rel=1e-4)
 
 
 def test_evaluate_model_and_few_shot_from_train_only(model_and_tokenizer):
@@ -62,6 +66,13 @@ def test_evaluate_model_and_few_shot_from_train_only(model_and_tokenizer):
     result = evaluate_model(model, tok, few, DecodingSettings(max_new_tokens=4, batch_size=2))
     assert set(result["metrics"]) >= {"rouge1", "rougeL", "bleu", "perplexity", "mean_length"}
     assert len(result["predictions"]) == 2 and result["references"] == ANSWERS[:2]
+    # what each example adds to each metric gives back the metric (significance.Stat, for the paired bootstrap)
+    from hf_tuner.evaluation.significance import value
+
+    per = result["per_example"]
+    assert set(per) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "perplexity"}
+    assert {m: float(value(s, np.ones((1, 2)))[0]) for m, s in per.items()} == pytest.approx(
+        {m: result["metrics"][m] for m in per}, rel=1e-5)
 
 
 # ---- classification: from a classifier's logits, and from a causal LM's label word

@@ -50,6 +50,13 @@ def test_run_folder_is_complete_with_single_task_baselines(finished_run):
     assert set(single) == set(metrics["tuned"]) == {"polarity/accuracy", "polarity/f1", "rating/mse",
                                                     "rating/pearson", "source/accuracy", "source/f1"}
     assert set(metrics["train"]["single_task_runtime_s"]) == {"polarity", "rating", "source"}
+    # tuned minus the better of the untrained heads and the single-task models, per task metric (mse: the lower)
+    assert set(metrics["gain"]) == set(metrics["tuned"])
+    for name, g in metrics["gain"].items():
+        pick = min if name.endswith("mse") else max
+        best = pick(metrics["base"][name], single[name])
+        assert g["difference"] == pytest.approx(metrics["tuned"][name] - best), name
+        assert g["examples"] == metrics["train"]["eval_rows"][name.split("/")[0]], name
     report = (finished_run.output_dir / "report.md").read_text()
     assert "single-task, same budget" in report and "polarity/accuracy" in report and "temperature" in report
 

@@ -58,6 +58,12 @@ def test_run_folder_is_complete(finished_run):
     assert "base (untrained head)" in report and "tiny-llama few_shot_2" in report and "Confusion matrices" in report
     assert set(metrics["bias"]) == {"base (untrained head)", "tuned"} and "Counterfactual bias checks" in report
     assert set(metrics["bias"]["tuned"]["dimensions"]) == {"names", "pronouns", "nationalities"}
+    # the gain is set against the best of the untrained head and the prompted LM, on the same 16 rows
+    named = {"base": metrics["base"], **metrics["baselines"]}
+    for name, g in metrics["gain"].items():
+        assert g["difference"] == pytest.approx(metrics["tuned"][name] - named[g["baseline"]][name]), name
+        assert named[g["baseline"]][name] == max(m[name] for m in named.values()), name
+    assert set(metrics["gain"]) == {"accuracy", "precision", "recall", "f1"}
 
 
 def test_reloaded_model_gives_the_same_logits(finished_run):

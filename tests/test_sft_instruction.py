@@ -71,6 +71,37 @@ def test_run_folder_is_complete(finished_run):
     assert set(generations[0]) == {"prompt", "reference", "base", "few_shot_2", "tuned"}
 
 
+def test_gain_over_the_best_baseline_has_a_paired_interval(finished_run):
+    """metrics.json's gain for ROUGE-L is the paired bootstrap over the held-out answers that generations.jsonl
+    holds, in the same order: recomputed from that file, it is the same interval; perplexity (lower is
+    better) is set against the lower of base and few-shot, and its interval excludes 0 (perplexity halves)."""
+    from hf_tuner.evaluation.report import gains
+    from hf_tuner.evaluation.significance import text_stats
+
+    result, _ = finished_run
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    generations = [json.loads(x) for x in (result.output_dir / "generations.jsonl").read_text().splitlines()]
+    refs = [g["reference"] for g in generations]
+    again = gains({k: {"per_example": text_stats([g[k] for g in generations], refs, ["rougeL"])}
+                   for k in ("base", "few_shot_2", "tuned")})["rougeL"]
+    saved = metrics["gain"]["rougeL"]
+    assert saved["baseline"] == again["baseline"] and saved["significant"] == again["significant"]
+    assert [saved["difference"], *saved["ci95"]] == pytest.approx([again["difference"], *again["ci95"]])
+    assert metrics["gain"]["rougeL"]["examples"] == len(generations)
+    ppl = metrics["gain"]["perplexity"]
+    best = min(("base", metrics["base"]), ("few_shot_2", metrics["baselines"]["few_shot_2"]),
+               key=lambda kv: kv[1]["perplexity"])
+    assert ppl["baseline"] == best[0]
+    assert ppl["difference"] == pytest.approx(metrics["tuned"]["perplexity"] - best[1]["perplexity"], rel=1e-6)
+    assert ppl["ci95"][1] < 0 and ppl["significant"] and ppl["better"]
+    report = (result.output_dir / "report.md").read_text()
+    assert "| tuned - best baseline [95% CI] |" in report
+    label = "base (zero-shot)" if best[0] == "base" else f"base ({best[0]})"
+    line = next(x for x in result.table.splitlines() if x.startswith("perplexity: "))  # the end-of-run summary
+    assert line.startswith(f"perplexity: tuned - {label} = {ppl['difference']:+.2f}")
+    assert line.endswith("significant, better")
+
+
 def test_reloaded_adapter_gives_the_same_logits(finished_run, tiny_llama):
     from peft import AutoPeftModelForCausalLM
 

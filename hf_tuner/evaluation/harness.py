@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from hf_tuner.distributed import SINGLE, EvalShard, evaluation_shard
 from hf_tuner.evaluation.metrics import TEXT_METRICS, label_metrics, regression_metrics, text_metrics
 from hf_tuner.evaluation.preference import evaluate_policy, evaluate_preferences
+from hf_tuner.evaluation.significance import Stat, label_stats, text_stats
 from hf_tuner.evaluation.tasks import (ClassificationTask, GenerationTask, LanguageModelingTask, PreferenceTask,
                                      RegressionTask, RewardTask)
 from hf_tuner.generation import (DECODING_PRESETS, DecodingSettings, SharedPrefix, for_inference, generate_batched,
@@ -32,7 +33,7 @@ def _prompt_text(tokenizer, messages: list[dict], model=None) -> str:
 
 @torch.no_grad()
 def reference_perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int,
-                         shard: EvalShard = SINGLE) -> float:
+                         shard: EvalShard = SINGLE, per_row: list | None = None) -> float:
     """Token-weighted perplexity of each reference (plus the end-of-turn token) given its prompt.
 
     The prompts' common prefix (chat template, shots) runs once (`SharedPrefix`); each row's own tokens
@@ -40,13 +41,14 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     last few positions only (`logits_to_keep`), not over long few-shot prompts.
     `shard`: this rank runs its share of the batches (the prefix and the batches are those of all the rows);
     the per-batch sums are gathered and added in batch order, as one process adds them.
+    per_row: a list to fill with each row's (log-loss sum, token count), in prompt order (significance.Stat).
     """
     eos = tokenizer.eos_token or ""
     pairs = []
     for prompt, ref in zip(prompts, references):
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         full = tokenizer(prompt + ref + eos, add_special_tokens=False)["input_ids"]
-        pairs.append((full, len(full) - n_prompt))
+        pairs.append((full, len(full) - n_prompt, len(pairs)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
@@ -54,30 +56,36 @@ def reference_perplexity(model, tokenizer, prompts: list[str], references: list[
     # the prefix stops before every prompt's last token (it predicts the answer's first); virtual-token
     # (prompt learning) models bring their own cache: no shared prefix there
     prompt_learning = getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
-    limit = 0 if prompt_learning else max(min(len(ids) - n_ref for ids, n_ref in pairs) - 1, 0)
+    limit = 0 if prompt_learning else max(min(len(ids) - n_ref for ids, n_ref, _ in pairs) - 1, 0)
     try:
-        prefix = SharedPrefix(model, [ids for ids, _ in pairs], limit=limit)
+        prefix = SharedPrefix(model, [ids for ids, _, _ in pairs], limit=limit)
         batches = _logit_batches(pairs, batch_size, len(tokenizer))
         mine = shard.rows(len(batches))
         for batch in tqdm([batches[b] for b in mine], desc="perplexity", unit="batch", leave=False):
-            keep = max(n_ref for _, n_ref in batch) + 1  # +1: the last prompt token predicts the first answer token
-            inputs = prefix.batch([ids for ids, _ in batch], pad_id)
+            keep = max(n_ref for _, n_ref, _ in batch) + 1  # +1: the last prompt token predicts the first answer token
+            inputs = prefix.batch([ids for ids, _, _ in batch], pad_id)
             if not prefix.length:
                 inputs.pop(prefix.arg), inputs.pop("use_cache")
             labels = torch.full((len(batch), keep), -100, dtype=torch.long)
-            for row, (ids, n_ref) in enumerate(batch):
+            for row, (ids, n_ref, _) in enumerate(batch):
                 labels[row, keep - n_ref:] = torch.tensor(ids[len(ids) - n_ref:])
             logits = model(**inputs, logits_to_keep=keep).logits.float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                     shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-            sums.append((loss.item(), int((shift_labels != -100).sum())))
+            losses = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                       shift_labels.reshape(-1), ignore_index=-100, reduction="none")
+            rows = losses.view(len(batch), -1).sum(-1).tolist(), (shift_labels != -100).sum(-1).tolist()
+            sums.append((losses.sum().item(), int((shift_labels != -100).sum()), [i for _, _, i in batch], *rows))
     finally:
         model.train(was_training)
     nll, count = 0.0, 0
-    for batch_nll, batch_count in shard.gather_rows(len(batches), mine, sums):
+    for batch_nll, batch_count, *rows in shard.gather_rows(len(batches), mine, sums):
         nll += batch_nll
         count += batch_count
+        if per_row is not None:
+            per_row.extend(zip(*rows))
+    if per_row is not None:
+        per_row.sort()
+        per_row[:] = [(row_nll, row_count) for _, row_nll, row_count in per_row]
     return math.exp(nll / max(count, 1))
 
 
@@ -158,8 +166,12 @@ def _evaluate_regression(model, tokenizer, task: RegressionTask, settings: Decod
     values = classifier_logits(model, tokenizer, [r["text"] for r in task.rows], settings.batch_size,
                                shard)[:, 0].tolist()
     references = [float(r["target"]) for r in task.rows]
+    per_example = {"mse": Stat("mean", [(v - r) ** 2 for v, r in zip(values, references)]),
+                   "mae": Stat("mean", [abs(v - r) for v, r in zip(values, references)]),
+                   "pearson": Stat("pearson", values, references=references)}
     return {"metrics": regression_metrics(values, references, task.metrics),
-            "predictions": [f"{v:.3f}" for v in values], "references": [str(r) for r in references]}
+            "predictions": [f"{v:.3f}" for v in values], "references": [str(r) for r in references],
+            "per_example": {k: v for k, v in per_example.items() if k in task.metrics}}
 
 
 @torch.no_grad()
@@ -197,21 +209,28 @@ def _evaluate_language_modeling(model, tokenizer, task: LanguageModelingTask, se
             if not mlm:  # position t predicts token t+1
                 logits, labels = logits[:, :-1], labels[:, 1:]
             labels = labels.to(device)
-            batch_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                          ignore_index=-100, reduction="sum").item()
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                       ignore_index=-100, reduction="none").view(labels.shape)
             keep = labels != -100
-            sums.append((batch_nll, int(keep.sum()), int((logits.argmax(-1)[keep] == labels[keep]).sum())))
+            hits = (logits.argmax(-1) == labels) & keep
+            sums.append((losses.sum().item(), int(keep.sum()), int(hits.sum()),
+                         list(zip(losses.sum(-1).tolist(), keep.sum(-1).tolist(), hits.sum(-1).tolist()))))
     finally:
         model.train(was_training)
-    nll, count, correct = 0.0, 0, 0
-    for batch_nll, batch_count, batch_correct in shard.gather_rows(len(starts), sorted(mine), sums):
+    nll, count, correct, blocks_seen = 0.0, 0, 0, []
+    for batch_nll, batch_count, batch_correct, rows in shard.gather_rows(len(starts), sorted(mine), sums):
         nll += batch_nll
         count += batch_count
         correct += batch_correct
+        blocks_seen += rows
     metrics = {"perplexity": math.exp(nll / max(count, 1)), "eval_tokens": float(count)}
+    # each block's log-loss, scored tokens and hits: the paired bootstrap's input (significance)
+    counts = [c for _, c, _ in blocks_seen]
+    per_example = {"perplexity": Stat("ratio_exp", [n for n, _, _ in blocks_seen], counts=counts)}
     if mlm:
         metrics["masked_accuracy"] = correct / max(count, 1)
-    return {"metrics": metrics, "predictions": [], "references": []}
+        per_example["masked_accuracy"] = Stat("ratio", [h for _, _, h in blocks_seen], counts=counts)
+    return {"metrics": metrics, "predictions": [], "references": [], "per_example": per_example}
 
 
 def _evaluate_classification(model, tokenizer, task: ClassificationTask, settings: DecodingSettings,
@@ -233,7 +252,8 @@ def _evaluate_classification(model, tokenizer, task: ClassificationTask, setting
         predictions = ["<none>" if p is None else p for p in predictions]
     metrics = label_metrics(predictions, references, task.metrics, task.average, labels=list(task.labels))
     metrics["unparsed"] = float(unparsed)
-    result = {"metrics": metrics, "predictions": texts, "references": [str(r) for r in references]}
+    result = {"metrics": metrics, "predictions": texts, "references": [str(r) for r in references],
+              "per_example": label_stats(predictions, references, list(task.labels), task.average, task.metrics)}
     if not _is_classifier(model):
         result["generation"] = stats
     return result
@@ -284,13 +304,17 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
     predictions: list[str] = []
     wanted_text = [m for m in task.metrics if m in TEXT_METRICS]
     stats: dict = {}
+    per_example: dict = {}  # what each example adds to each metric: the paired bootstrap's input (significance)
     if wanted_text:
         predictions = _generate_shared(model, tokenizer, prompts, settings, shard, f"generate {task.name}", stats)
         metrics.update(text_metrics(predictions, references, wanted_text))
+        per_example.update(text_stats(predictions, references, wanted_text))
     if "perplexity" in task.metrics:
         score = seq2seq_reference_perplexity if is_encoder_decoder(model) else reference_perplexity
-        metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size, shard)
-    result = {"metrics": metrics, "predictions": predictions, "references": references}
+        rows: list = []
+        metrics["perplexity"] = score(model, tokenizer, prompts, references, settings.batch_size, shard, rows)
+        per_example["perplexity"] = Stat("ratio_exp", [n for n, _ in rows], counts=[c for _, c in rows])
+    result = {"metrics": metrics, "predictions": predictions, "references": references, "per_example": per_example}
     if stats:
         result["generation"] = stats
     return result
@@ -298,9 +322,10 @@ def _evaluate_generation(model, tokenizer, task: GenerationTask, settings: Decod
 
 @torch.no_grad()
 def seq2seq_reference_perplexity(model, tokenizer, sources: list[str], references: list[str], batch_size: int,
-                                 shard: EvalShard = SINGLE) -> float:
+                                 shard: EvalShard = SINGLE, per_row: list | None = None) -> float:
     """Token-weighted perplexity of each reference as the decoder's target, given its source (encoder-decoders).
-    `shard`: this rank runs its share of the batches; the per-batch sums are added in batch order."""
+    `shard`: this rank runs its share of the batches; the per-batch sums are added in batch order.
+    per_row: a list to fill with each row's (log-loss sum, token count), in row order."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -315,13 +340,16 @@ def seq2seq_reference_perplexity(model, tokenizer, sources: list[str], reference
             labels[labels == tokenizer.pad_token_id] = -100
             logits = model(**enc.to(device), labels=labels.to(device)).logits.float()
             labels = labels.to(device)
-            batch_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                          ignore_index=-100, reduction="sum").item()
-            sums.append((batch_nll, int((labels != -100).sum())))
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                       ignore_index=-100, reduction="none").view(len(labels), -1)
+            sums.append((losses.sum().item(), int((labels != -100).sum()),
+                         list(zip(losses.sum(-1).tolist(), (labels != -100).sum(-1).tolist()))))
     finally:
         model.train(was_training)
     nll, count = 0.0, 0
-    for batch_nll, batch_count in shard.gather_rows(len(starts), mine, sums):
+    for batch_nll, batch_count, rows in shard.gather_rows(len(starts), mine, sums):
         nll += batch_nll
         count += batch_count
+        if per_row is not None:
+            per_row.extend(rows)
     return math.exp(nll / max(count, 1))

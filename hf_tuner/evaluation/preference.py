@@ -7,6 +7,7 @@ import math
 import torch
 
 from hf_tuner.evaluation.metrics import distinct_n
+from hf_tuner.evaluation.significance import Stat
 from hf_tuner.evaluation.tasks import PreferenceTask, RewardTask
 
 
@@ -36,9 +37,12 @@ def evaluate_preferences(model, tokenizer, task: PreferenceTask, settings, shard
     metrics = {"pairwise_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
                "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
                "reward_chosen": sum(chosen) / n, "reward_rejected": sum(rejected) / n}
+    per_example = {"pairwise_accuracy": Stat("mean", [float(c > r) for c, r in zip(chosen, rejected)]),
+                   "mean_margin": Stat("mean", [c - r for c, r in zip(chosen, rejected)])}
     return {"metrics": {k: v for k, v in metrics.items() if k in task.metrics},
             "predictions": [f"{c:.3f} vs {r:.3f}" for c, r in zip(chosen, rejected)],
-            "references": ["chosen > rejected"] * len(task.rows), "chosen": chosen, "rejected": rejected}
+            "references": ["chosen > rejected"] * len(task.rows), "chosen": chosen, "rejected": rejected,
+            "per_example": {k: v for k, v in per_example.items() if k in task.metrics}}
 
 
 @torch.no_grad()

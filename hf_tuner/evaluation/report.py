@@ -26,7 +26,9 @@ def comparison(metrics: dict) -> list[tuple[str, dict]]:
     return rows
 
 
-def format_table(rows: list[tuple[str, dict]]) -> str:
+def format_table(rows: list[tuple[str, dict]], gains: dict | None = None) -> str:
+    """A Markdown table of the rows' metrics; with `gains` (significance.gain), a last row of tuned minus the best
+    baseline per metric with its paired-bootstrap 95% interval, starred where the interval excludes 0."""
     names = [m for m in TABLE_METRICS if any(m in r for _, r in rows)]
     if not names:  # metrics this table does not know (e.g. "<task>/<metric>"): every number, in first-seen order
         names = list(dict.fromkeys(k for _, r in rows for k, v in r.items() if isinstance(v, (int, float))))
@@ -35,7 +37,27 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     for label, r in rows:
         cells = [("" if m not in r else f"{r[m]:.2f}" if m in TWO_DECIMALS else f"{r[m]:.3f}") for m in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if gains and any(m in gains for m in names):
+        cells = []
+        for m in names:
+            g, d = gains.get(m), 2 if m in TWO_DECIMALS else 3
+            cells.append("" if g is None else f"{g['difference']:+.{d}f} [{g['ci95'][0]:+.{d}f}, "
+                                              f"{g['ci95'][1]:+.{d}f}]{'*' if g['significant'] else ''}")
+        lines.append("| tuned - best baseline [95% CI] | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def baseline_label(metrics: dict, name: str) -> str:
+    """The table's label of a result key: base -> the base row's label, few_shot_3 -> base (few_shot_3)."""
+    return metrics.get("base_label", "base (zero-shot)") if name == "base" else f"base ({name})"
+
+
+def gain_summary(metrics: dict) -> list[str]:
+    """The end-of-run lines: per metric, tuned minus the best baseline, its interval, significant or not."""
+    from hf_tuner.evaluation.significance import summary_lines
+
+    gains = {m: {**g, "baseline": baseline_label(metrics, g["baseline"])} for m, g in metrics.get("gain", {}).items()}
+    return summary_lines(gains, {m: 2 for m in TWO_DECIMALS})
 
 
 def _cell(text: str) -> str:
@@ -123,18 +145,23 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
     In a multi-process launch only rank 0 writes; every rank gets the table."""
     from hf_tuner.distributed import is_main_process
 
+    gain_lines = gain_summary(metrics)
     if not is_main_process():
-        return format_table(comparison(metrics))
+        return "\n".join([format_table(comparison(metrics), metrics.get("gain")), "", *gain_lines]).rstrip()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if generations:
         (out / "generations.jsonl").write_text(
             "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations), encoding="utf-8")
     rows = comparison(metrics)
-    table = format_table(rows)
+    table = format_table(rows, metrics.get("gain"))
     plot_metrics(rows, out / "metrics.png")
     has_loss = plot_loss(log_history, out / "loss.png")
     train = metrics.get("train", {})
     lines = [f"# {title}", "", "## Held-out results", "", table, ""]
+    if gain_lines:
+        lines += ["Is the gain real? Tuned minus the best baseline on each metric, with a paired bootstrap 95% "
+                  "interval over the held-out examples (both models answered the same ones; * where the "
+                  "interval excludes 0):", "", *[f"- {line}" for line in gain_lines], ""]
     if any(k in r for _, r in rows for k in ("rougeL", "bleu")):
         lines += ["ROUGE: F-measure 0-1 (rouge_score, no stemming); BLEU: sacrebleu 0-100; perplexity of the "
                   "reference answers given the prompt; mean_length: words per generation.", ""]
@@ -152,4 +179,14 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
         lines += ["", "## Example generations", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell(str(e[c])) for c in cols) + " |" for e in examples]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return table
+    return "\n".join([table, "", *gain_lines]).rstrip()
+
+
+def gains(results: dict[str, dict], directions: dict[str, str | None] | None = None) -> dict[str, dict]:
+    """metrics.json's "gain": tuned minus the best baseline per table metric, with the paired bootstrap's 95%
+    interval (hf_tuner.evaluation.significance). results: the harness results by name ("base", "few_shot_3",
+    ..., "tuned"), each answering the same held-out examples; directions: metric -> "higher" / "lower"
+    (default: the table's)."""
+    from hf_tuner.evaluation.significance import gain
+
+    return gain(results, TABLE_METRICS if directions is None else directions)

@@ -76,8 +76,12 @@ class Recorder:
 
 
 def comparable(result: dict) -> dict:
-    """An evaluate_model result without its timings (they differ from run to run)."""
+    """An evaluate_model result without its timings (they differ from run to run); each example's statistics
+    (the paired bootstrap's input) as plain dicts."""
+    from dataclasses import asdict
+
     out = {k: v for k, v in result.items() if k not in ("seconds", "seconds_per_example")}
+    out["per_example"] = {k: asdict(v) for k, v in out.get("per_example", {}).items()}
     if "generation" in out:
         out["generation"] = {k: out["generation"][k] for k in ("prompts", "new_tokens")}
     return out

@@ -28,16 +28,20 @@ class Rouge(evaluate.Metric):
             ],
         )
 
-    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False, tokenizer=None):
+    def _compute(self, predictions, references, rouge_types=None, use_stemmer=False, tokenizer=None,
+                 use_aggregator=True):
+        """use_aggregator=False: each example's F-measure (a list per type), as the Hub module gives them."""
         rouge_types = rouge_types or ["rouge1", "rouge2", "rougeL", "rougeLsum"]
         scorer = rouge_scorer.RougeScorer(rouge_types=rouge_types, use_stemmer=use_stemmer, tokenizer=tokenizer)
-        totals = {t: 0.0 for t in rouge_types}
+        scores = {t: [] for t in rouge_types}
         for pred, ref in zip(predictions, references):
             if isinstance(ref, list):
                 score = scorer.score_multi(ref, pred)
             else:
                 score = scorer.score(ref, pred)
             for t in rouge_types:
-                totals[t] += score[t].fmeasure
+                scores[t].append(score[t].fmeasure)
+        if not use_aggregator:
+            return scores
         n = max(len(predictions), 1)
-        return {t: totals[t] / n for t in rouge_types}
+        return {t: sum(scores[t]) / n for t in rouge_types}
