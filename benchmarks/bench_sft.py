@@ -334,7 +334,7 @@ def ratios(summary: dict) -> dict:
 
 def generation_summary(path: Path) -> dict:
     """bench_generation.py's lever rows, per model and shots: today's harness (its first arm) against the last
-    arm (every lever it kept on)."""
+    exact arm (every greedy output identical to today's) and the last arm of all (rounding levers too)."""
     g = json.loads(path.read_text())
     if "levers" not in g:
         raise SystemExit(f"{path}: no `levers` in it: not the output of today's benchmarks/bench_generation.py "
@@ -346,7 +346,17 @@ def generation_summary(path: Path) -> dict:
     return {"source": str(path), "model": g.get("model"), "date": g.get("date"), "command": g.get("command"),
             "cpu": g.get("machine", {}).get("cpu"), "threads": g.get("machine", {}).get("threads"),
             "rows": [{"model": m, "shots": shots, "today": {k: rows[0][k] for k in keep},
-                      "last": {k: rows[-1][k] for k in keep}} for (m, shots), rows in groups.items()]}
+                      "last": {k: [r for r in rows if r["identical"] == r["prompts"]][-1][k] for k in keep},
+                      "last_any": {k: rows[-1][k] for k in keep}} for (m, shots), rows in groups.items()]}
+
+
+def _rounding(row: dict) -> str:
+    """The last arm of all, where it is a rounding lever past the last exact one (older JSON: no last_any)."""
+    last = row.get("last_any", row["last"])
+    if last["arm"] == row["last"]["arm"]:
+        return ""
+    return (f"{last['arm']}: {last['speedup']:.2f}x, {last['identical']}/{last['prompts']} identical, "
+            f"ROUGE-L {last['rougeL']:.4f}")
 
 
 def _settings(a: dict) -> str:
@@ -398,12 +408,12 @@ def markdown(result: dict) -> str:
             "precision the arm trains in.\n")
     if "generation" in result:
         g = result["generation"]
-        rows = ["| model | shots | today: tokens/s | last arm | tokens/s | speedup | identical | ROUGE-L today | "
-                "ROUGE-L last |", "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        rows = ["| model | shots | today: tokens/s | last exact arm | tokens/s | speedup | identical | ROUGE-L today | "
+                "ROUGE-L last | last arm of all (rounding) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
                 *[f"| {r['model']} | {r['shots']} | {r['today']['tokens_per_s']:.1f} | {r['last']['arm']} | "
                   f"{r['last']['tokens_per_s']:.1f} | {r['last']['speedup']:.2f}x | "
                   f"{r['last']['identical']}/{r['last']['prompts']} | {r['today']['rougeL']:.4f} | "
-                  f"{r['last']['rougeL']:.4f} |" for r in g["rows"]]]
+                  f"{r['last']['rougeL']:.4f} | " + _rounding(r) + " |" for r in g["rows"]]]
         text += (f"\nGeneration ({g['source']}: {g['model']}, {g['threads']} threads, {g['date']}), greedy, on the "
                  "demo's held-out prompts: today's harness (`model.generate`, batches of 16) against the last of "
                  "bench_generation.py's cumulative levers; `identical`: greedy outputs equal to today's, token "
