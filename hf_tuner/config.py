@@ -76,9 +76,10 @@ class RunArguments:
                 "and bbh-bigbench-quick, or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
     benchmark_include_path: str | None = field(default=None, metadata={
         "help": "a folder of your own lm-eval task YAMLs, whose tasks held_out_benchmarks can then name"})
-    benchmark_batch_size: int = field(default=16, metadata={
+    benchmark_batch_size: int = field(default=32, metadata={
         "help": "batch size of the held-out benchmarks (rows of context + choice); each distinct context runs once "
-                "per batch and only the scored positions reach the output layer (hf_tuner/evaluation/lm_eval_model.py)"})
+                "per batch and only the scored positions reach the output layer (hf_tuner/evaluation/lm_eval_model.py)"
+                "; 32: bbh-bigbench-quick in 56 s instead of 66 s at 16, items scored the same, +0.24 GB"})
     benchmark_num_fewshot: int = field(default=0, metadata={"help": "few-shot examples in the held-out benchmarks"})
     benchmark_limit: int | None = field(default=None, metadata={
         "help": "items per benchmark task (None: all; bbh-bigbench-quick alone: its own limit of 100)"})
