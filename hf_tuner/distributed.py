@@ -87,9 +87,21 @@ def requested_processes(argv: list[str] | None = None) -> int | None:
         return None
 
 
+def env_flag(name: str) -> bool:
+    """An environment switch as accelerate writes them ("true", or "1")."""
+    return os.environ.get(name, "").lower() in ("1", "true")
+
+
+def sharding_engine() -> str | None:
+    """"FSDP" or "DeepSpeed" under an `accelerate launch` with such a config (it sets ACCELERATE_USE_FSDP or
+    ACCELERATE_USE_DEEPSPEED), else None."""
+    return next((name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
+                 if env_flag(env)), None)
+
+
 def deepspeed_launch() -> bool:
     """True under an `accelerate launch` with a DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    return env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def deepspeed_on_cpu() -> bool:
@@ -110,17 +122,16 @@ def check_launch(argv: list[str] | None = None) -> None:
 
     from hf_tuner.devices import cuda_available
 
-    sharding = [name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
-                if os.environ.get(env, "").lower() in ("1", "true")]
+    engine = sharding_engine()
     if deepspeed_on_cpu():
         log.warning("DeepSpeed without CUDA: its CPU accelerator runs the ZeRO stage over gloo (slow next to "
                     "DDP on a CPU; useful to check a config before a GPU run)")
-    elif sharding and not cuda_available():
+    elif engine and not cuda_available():
         hint = (" Install DeepSpeed (pip install 'hf-tuner[deepspeed]') to run its CPU accelerator instead."
-                if sharding[0] == "DeepSpeed" else "")
+                if engine == "DeepSpeed" else "")
         log.warning("%s was asked for, but there is no CUDA: with use_cpu=true accelerate runs the processes as "
                     "plain DDP over gloo (MULTI_CPU) and ignores the %s settings. Training is correct, not "
-                    "sharded.%s", sharding[0], sharding[0], hint)
+                    "sharded.%s", engine, engine, hint)
     asked = requested_processes(argv)
     if asked and asked > 1 and world_size() == 1:
         cmd = " ".join(shlex.quote(a) for a in (argv or _launcher_argv() or []))
@@ -199,8 +210,7 @@ def fill_meta_from_rank0(model) -> list[str]:
     import torch
     import torch.distributed as dist
 
-    ram_efficient = all(os.environ.get(v, "").lower() in ("1", "true")
-                        for v in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"))
+    ram_efficient = env_flag("ACCELERATE_USE_FSDP") and env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
     if not ram_efficient or world_size() < 2 or not (dist.is_available() and dist.is_initialized()):
         return []
     tensors = dict(model.named_parameters(remove_duplicate=False))

@@ -100,7 +100,9 @@ def evaluation_device() -> torch.device:
     """Where a freshly loaded model goes: this process's GPU (cuda:LOCAL_RANK) when there is one, so the base
     evaluation runs there and not on the CPU of every rank; the Trainer then finds it in place. Under FSDP it
     stays on the CPU, where accelerate's FSDP preparation (cpu_ram_efficient_loading) expects it."""
-    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    from hf_tuner.distributed import env_flag
+
+    if not torch.cuda.is_available() or env_flag("ACCELERATE_USE_FSDP"):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 

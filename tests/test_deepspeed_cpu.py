@@ -27,10 +27,10 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 ZERO = {stage: str(ROOT / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yaml") for stage in (2, 3)}
 
 
-def _launch(stage: int, recipe: str, cfg: Path, trace: Path | None = None):
+def _launch(stage: int, recipe: str, cfg: Path, trace: Path | None = None, **env):
     proc = run_launcher([ACCELERATE, "launch", "--config_file", ZERO[stage], "--num_processes", "2",
                          "--mixed_precision", "no", "--main_process_port", str(free_port()),
-                         str(ROOT / "recipes" / f"{recipe}.py"), "--config", str(cfg)], trace, timeout=400)
+                         str(ROOT / "recipes" / f"{recipe}.py"), "--config", str(cfg)], trace, timeout=400, **env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -165,11 +165,7 @@ def test_zero3_grpo_saves_the_gathered_policy(tmp_path, tiny_llama):
                      per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
     cfg.pop("num_threads")  # each of the 2 processes takes one core
     path = launcher_env()["PYTHONPATH"] + os.pathsep + str(ROOT / "tests")  # the reward is tests/test_rl.py's
-    proc = run_launcher([ACCELERATE, "launch", "--config_file", ZERO[3], "--num_processes", "2", "--mixed_precision",
-                         "no", "--main_process_port", str(free_port()), str(ROOT / "recipes" / "ppo_rlhf.py"),
-                         "--config", str(write_yaml(tmp_path / "grpo.yaml", cfg))], timeout=400,
-                        PYTHONPATH=path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _launch(3, "ppo_rlhf", write_yaml(tmp_path / "grpo.yaml", cfg), PYTHONPATH=path)
     assert "its CPU accelerator runs the ZeRO stage over gloo" in proc.stderr
     run = tmp_path / "run"
     policy = load_file(run / "policy/adapter_model.safetensors")

@@ -45,10 +45,8 @@ def text_metrics(predictions: list[str], references: list[str], names=TEXT_METRI
         out.update(load_metric("rouge").compute(predictions=predictions, references=references, rouge_types=rouge))
     if "bleu" in names:
         out["bleu"] = load_metric("bleu").compute(predictions=predictions, references=references)["bleu"]
-    if "exact_match" in names:  # string equality after stripping both sides: generations are decoded stripped
-        # (generation.py), so a reference with a trailing newline from its JSONL could never match
-        matches = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
-        out["exact_match"] = matches / max(len(predictions), 1)
+    if "exact_match" in names:
+        out["exact_match"] = sum(exact_matches(predictions, references)) / max(len(predictions), 1)
     if "distinct_1" in names:
         out["distinct_1"] = distinct_n(predictions, 1)
     if "distinct_2" in names:
@@ -56,6 +54,22 @@ def text_metrics(predictions: list[str], references: list[str], names=TEXT_METRI
     if "mean_length" in names:
         out["mean_length"] = sum(len(p.split()) for p in predictions) / max(len(predictions), 1)
     return {k: float(v) for k, v in out.items()}
+
+
+def exact_matches(predictions: list[str], references: list[str]) -> list[float]:
+    """1.0 per example whose prediction equals its reference after stripping both sides: generations are decoded
+    stripped (generation.py), so a reference with a trailing newline from its JSONL could never match."""
+    return [float(p.strip() == r.strip()) for p, r in zip(predictions, references)]
+
+
+def default_average(classes: list) -> str:
+    """binary for two labels (or fewer), else macro."""
+    return "binary" if len(classes) <= 2 else "macro"
+
+
+def positive_label(classes: list):
+    """scikit-learn's (and the Hub metrics') positive label is 1; for named labels, the last one."""
+    return 1 if set(classes) <= {0, 1} else classes[-1]
 
 
 def label_metrics(predictions: list, references: list, names=LABEL_METRICS, average: str | None = None,
@@ -72,16 +86,15 @@ def label_metrics(predictions: list, references: list, names=LABEL_METRICS, aver
         raise ValueError("no predictions to score")
     classes = list(labels) if labels is not None else sorted(set(references) | set(predictions), key=str)
     if average is None:
-        average = "binary" if len(classes) <= 2 else "macro"
+        average = default_average(classes)
     if average not in AVERAGES:
         raise ValueError(f"average {average!r}: choose one of {list(AVERAGES)}")
     out = {"accuracy": accuracy_score(references, predictions)}
     if average == "binary":
         if len(classes) > 2:
             raise ValueError(f"average='binary' needs at most two labels, got {classes}; use macro, micro or weighted")
-        # scikit-learn's (and the Hub metrics') positive label is 1; for named labels, the last one.
-        # Scoring that one class (average=None) also tolerates predictions outside the label set.
-        pos = 1 if set(classes) <= {0, 1} else classes[-1]
+        # Scoring the positive class alone (average=None) also tolerates predictions outside the label set.
+        pos = positive_label(classes)
         p, r, f, _ = precision_recall_fscore_support(references, predictions, labels=[pos], average=None,
                                                      zero_division=0)
         p, r, f = p[0], r[0], f[0]

@@ -145,15 +145,15 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
     In a multi-process launch only rank 0 writes; every rank gets the table."""
     from hf_tuner.distributed import is_main_process
 
-    gain_lines = gain_summary(metrics)
+    rows = comparison(metrics)
+    table, gain_lines = format_table(rows, metrics.get("gain")), gain_summary(metrics)
+    summary = "\n".join([table, "", *gain_lines]).rstrip()  # what the recipe prints at the end of the run
     if not is_main_process():
-        return "\n".join([format_table(comparison(metrics), metrics.get("gain")), "", *gain_lines]).rstrip()
+        return summary
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if generations:
         (out / "generations.jsonl").write_text(
             "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations), encoding="utf-8")
-    rows = comparison(metrics)
-    table = format_table(rows, metrics.get("gain"))
     plot_metrics(rows, out / "metrics.png")
     has_loss = plot_loss(log_history, out / "loss.png")
     train = metrics.get("train", {})
@@ -179,7 +179,7 @@ def write_run_record(out: Path, title: str, metrics: dict, examples: list[dict],
         lines += ["", "## Example generations", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell(str(e[c])) for c in cols) + " |" for e in examples]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return "\n".join([table, "", *gain_lines]).rstrip()
+    return summary
 
 
 def gains(results: dict[str, dict], directions: dict[str, str | None] | None = None) -> dict[str, dict]:

@@ -75,9 +75,9 @@ def _label_metric(stat: Stat, w: np.ndarray) -> np.ndarray:
     pred, ref = np.asarray(stat.values, dtype=object), np.asarray(stat.references, dtype=object)
     if stat.metric == "accuracy":
         return w @ (pred == ref).astype(float) / w.sum(axis=1)
-    classes = list(stat.labels)
-    if stat.average == "binary":
-        classes = [1 if set(classes) <= {0, 1} else classes[-1]]
+    from hf_tuner.evaluation.metrics import positive_label
+
+    classes = [positive_label(stat.labels)] if stat.average == "binary" else list(stat.labels)
     tp = np.stack([w @ ((pred == c) & (ref == c)).astype(float) for c in classes], axis=1)
     fp = np.stack([w @ ((pred == c) & (ref != c)).astype(float) for c in classes], axis=1)
     fn = np.stack([w @ ((pred != c) & (ref == c)).astype(float) for c in classes], axis=1)
@@ -94,15 +94,15 @@ def _label_metric(stat: Stat, w: np.ndarray) -> np.ndarray:
 
 
 def label_stats(predictions: list, references: list, labels: list, average: str | None, names) -> dict[str, Stat]:
-    if average is None:
-        average = "binary" if len(labels) <= 2 else "macro"
-    return {m: Stat("labels", list(predictions), references=list(references), labels=list(labels), average=average,
-                    metric=m) for m in names}
+    from hf_tuner.evaluation.metrics import default_average
+
+    return {m: Stat("labels", list(predictions), references=list(references), labels=list(labels),
+                    average=average or default_average(labels), metric=m) for m in names}
 
 
 def text_stats(predictions: list[str], references: list[str], names) -> dict[str, Stat]:
     """Per-example ROUGE F-measures (the module's mean is their mean), exact matches and BLEU statistics."""
-    from hf_tuner.evaluation.metrics import ROUGE_TYPES, load_metric
+    from hf_tuner.evaluation.metrics import ROUGE_TYPES, exact_matches, load_metric
 
     out: dict[str, Stat] = {}
     rouge = [n for n in names if n in ROUGE_TYPES]
@@ -111,7 +111,7 @@ def text_stats(predictions: list[str], references: list[str], names) -> dict[str
                                               use_aggregator=False)
         out.update({t: Stat("mean", scores[t]) for t in rouge})
     if "exact_match" in names:
-        out["exact_match"] = Stat("mean", [float(p.strip() == r.strip()) for p, r in zip(predictions, references)])
+        out["exact_match"] = Stat("mean", exact_matches(predictions, references))
     if "bleu" in names:
         from sacrebleu.metrics import BLEU
 
@@ -133,6 +133,7 @@ def gain(results: dict[str, dict], directions: dict[str, str | None], tuned: str
     results: name -> harness result ({"per_example": {metric: Stat}, ...}); the others are the baselines."""
     per = results.get(tuned, {}).get("per_example", {})
     out: dict[str, dict] = {}
+    weights: dict[int, np.ndarray] = {}  # per number of examples: the same resamples for every metric
     for name, stat in per.items():
         direction = directions.get(name)
         others = {k: r["per_example"][name] for k, r in results.items()
@@ -141,9 +142,10 @@ def gain(results: dict[str, dict], directions: dict[str, str | None], tuned: str
             continue
         points = {k: _point(s) for k, s in others.items()}
         best = (max if direction == "higher" else min)(points, key=points.get)
-        rng = np.random.default_rng(seed)
-        weights = rng.multinomial(len(stat), np.full(len(stat), 1 / len(stat)), size=resamples)
-        diffs = value(stat, weights) - value(others[best], weights)
+        n = len(stat)
+        if n not in weights:
+            weights[n] = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=resamples)
+        diffs = value(stat, weights[n]) - value(others[best], weights[n])
         low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
         difference = _point(stat) - points[best]
         out[name] = {"baseline": best, "difference": difference, "ci95": [low, high],

@@ -150,13 +150,10 @@ def check_ppo_launch() -> None:
     size with no dataloader to read it from); its checkpoints are written by rank 0 from unsharded weights.
     Without CUDA, accelerate runs FSDP configs as plain DDP, which works; DeepSpeed runs for real on its CPU
     accelerator when deepspeed is installed, so it is refused there too."""
-    import os
-
     from hf_tuner.devices import cuda_available
-    from hf_tuner.distributed import deepspeed_on_cpu
+    from hf_tuner.distributed import deepspeed_on_cpu, sharding_engine
 
-    engine = next((name for env, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"))
-                   if os.environ.get(env, "").lower() in ("1", "true")), None)
+    engine = sharding_engine()
     if engine and (cuda_available() or (engine == "DeepSpeed" and deepspeed_on_cpu())):
         raise ConfigError(f"algorithm: ppo (ours) cannot run under {engine}: it prepares the policy and a value "
                           f"head as two models, which accelerate refuses under {engine}. Launch it with "
