@@ -349,6 +349,7 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         raise ConfigError(f"{where}: {message}") from e
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
+    _empty_lists((run, script, training, model))
     from hf_tuner.models import configure_loading
     from hf_tuner.validation import check_run_values, check_training_values
 
@@ -380,6 +381,15 @@ def _move_secrets_to_environment(training) -> None:
             os.environ[variable] = str(value)
             setattr(training, name, None)
             log.warning("%s: moved to the environment (%s); it is never written to the run folder", name, variable)
+
+
+def _empty_lists(parts) -> None:
+    """`--field []` on the command line empties a list the YAML set (argparse's nargs="+" takes no zero
+    values, so `[]` would otherwise arrive as a one-item list holding the text "[]")."""
+    for part in parts:
+        for f in dataclasses.fields(part):
+            if getattr(part, f.name, None) == ["[]"]:
+                setattr(part, f.name, [])
 
 
 def _pop_flag(mapping: dict[str, Any], cli: list[str], name: str) -> bool:

@@ -24,6 +24,13 @@ def test_yaml_then_command_line_override(tmp_path):
     assert cfg.model.model_name_or_path == "tiny-llama"
 
 
+def test_command_line_empties_a_list_the_yaml_set(tmp_path):
+    path = _yaml(tmp_path, {"model_name_or_path": "tiny-llama", "output_dir": str(tmp_path / "out"),
+                            "held_out_benchmarks": ["bbh-bigbench-quick"], "held_out_tasks": ["a.jsonl"]})
+    cfg = parse_config(SFTConfig, ["--config", path, "--held_out_benchmarks", "[]"], uses={"held_out_benchmarks"})
+    assert cfg.run.held_out_benchmarks == [] and cfg.run.held_out_tasks == ["a.jsonl"]
+
+
 def test_dict_and_path_sources_agree(tmp_path):
     data = {"model_name_or_path": "tiny-llama", "output_dir": str(tmp_path / "o"), "max_length": 64}
     assert parse_config(SFTConfig, data).to_dict() == parse_config(SFTConfig, _yaml(tmp_path, data)).to_dict()
