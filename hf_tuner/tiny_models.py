@@ -92,5 +92,9 @@ def build_tiny_model(arch: str, target: Path) -> None:
         model = T5ForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}: llama, bert or t5")
+    # transformers 5.24 writes weights from torch.distributed's rank 0 only (`should_save_on_this_rank`), silently:
+    # when rank 1 of a launch builds the asset for all (assets.fetch's lock), it would hold no config and no
+    # weights. This build is one process's own, whatever its rank.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -101,3 +101,20 @@ def test_ranks_building_the_same_asset_at_once_all_get_it(tmp_path):
     assert [rc for rc, _, _ in results] == [0, 0], [err[-1500:] for _, _, err in results]
     (folder,) = {out.strip().splitlines()[-1] for _, out, _ in results}  # (deepspeed may log a line first)
     assert folder.startswith(str(tmp_path / "cache")) and (Path(folder) / assets.MARKER).exists()
+
+
+def test_a_tiny_model_built_on_rank_1_holds_its_weights(tmp_path, monkeypatch):
+    """transformers 5.24's save_pretrained writes nothing on torch.distributed ranks other than 0, silently. When
+    rank 1 of a launch took the lock and built a tiny model for all, the asset held a tokenizer and no model
+    ("Unrecognized model ... Should have a model_type key", on every later run from that cache)."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from hf_tuner.tiny_models import build_tiny_model
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # the process group of a launch, seen from rank 1
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    build_tiny_model("llama", tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").config.num_hidden_layers == 2
