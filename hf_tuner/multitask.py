@@ -43,6 +43,17 @@ class TaskSpec:
         return len(self.labels) if self.kind == "classification" else 1
 
 
+def _several_processes() -> bool:
+    """Whether this forward runs in a process group of several ranks. There a head whose task is missing from this
+    rank's batch but present on another's still takes part, with a zero gradient: DeepSpeed's ZeRO reduces the
+    gradients of the parameters that have one, in buckets, so ranks that skipped different heads would send
+    buffers of different sizes (gloo: "Received data size doesn't match expected size"), and DDP would need
+    find_unused_parameters. With one process an absent task's head keeps no gradient, so AdamW leaves it be."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, encoder, tasks: list[TaskSpec], dropout: float = 0.1):
         super().__init__()
@@ -78,7 +89,11 @@ class MultiTaskModel(nn.Module):
         loss = pooled.new_zeros(())
         for i, task in enumerate(self.tasks):
             rows = task_ids == i
-            if labels is None or not rows.any():
+            if labels is None:
+                continue
+            if not rows.any():
+                if _several_processes():  # see _several_processes
+                    loss = loss + 0.0 * sum(p.sum() for p in self.heads[task.name].parameters())
                 continue
             out = self.heads[task.name](pooled[rows])
             if task.kind == "classification":

@@ -162,9 +162,11 @@ def train(config=None) -> RunResult:
     if run.single_task_baselines and len(specs) > 1:
         for spec in specs:
             one, _ = MultiTaskModel.from_encoder(mcfg.model_name_or_path, [spec])
+            # a baseline neither checkpoints nor resumes: a resumed run's checkpoint is the multi-task model's
             one_args = dataclasses.replace(args, output_dir=str(out / "single_task" / spec.name), max_steps=steps,
-                                           report_to="none")
-            one_trainer, _, seconds, _ = _fit(one, tokenizer, one_args, [spec], train_rows, run)
+                                           report_to="none", save_strategy="no", resume_from_checkpoint=None)
+            one_run = dataclasses.replace(run, resume="never")
+            one_trainer, _, seconds, _ = _fit(one, tokenizer, one_args, [spec], train_rows, one_run)
             for part, values in _evaluate(one_trainer.model, tokenizer, [spec], held_rows, settings).items():
                 single[part].update(values)
             single_runtime[spec.name] = seconds

@@ -117,3 +117,16 @@ def test_bad_task_settings_are_refused(tmp_path, vader):
     with pytest.raises(ConfigError, match="task_sampling"):
         train(_config(tmp_path, vader, task_sampling="random"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_trains_its_single_task_baselines_afresh(tmp_path, vader):
+    """resume_from_checkpoint names the multi-task model's checkpoint. The single-task baselines used to inherit
+    it and load it into a one-head model ("loaded state dict contains a parameter group that doesn't match")."""
+    cfg = _config(tmp_path, vader, eval_samples=8, per_device_train_batch_size=4, max_steps=2, save_strategy="steps",
+                  save_steps=1, report_to=[])
+    first = train(cfg)
+    resumed = train({**cfg, "output_dir": str(tmp_path / "resumed"),
+                     "resume_from_checkpoint": str(first.output_dir / "checkpoint-1")})
+    assert resumed.metrics["tuned"] == first.metrics["tuned"]
+    assert resumed.metrics["baselines"] == first.metrics["baselines"]
+    assert not list((tmp_path / "resumed" / "single_task").rglob("checkpoint-*"))  # baselines never checkpoint
