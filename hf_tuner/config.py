@@ -349,7 +349,9 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         raise ConfigError(f"{where}: {message}") from e
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
-    _empty_lists((run, script, training, model))
+    cli_keys = {a[2:].split("=")[0] for a in cli if a.startswith("--")}
+    _empty_lists((run, script, training, model),
+                 {k for k, v in mapping.items() if isinstance(v, (list, tuple)) and not v and k not in cli_keys})
     from hf_tuner.models import configure_loading
     from hf_tuner.validation import check_run_values, check_training_values
 
@@ -383,12 +385,13 @@ def _move_secrets_to_environment(training) -> None:
             log.warning("%s: moved to the environment (%s); it is never written to the run folder", name, variable)
 
 
-def _empty_lists(parts) -> None:
-    """`--field []` on the command line empties a list the YAML set (argparse's nargs="+" takes no zero
-    values, so `[]` would otherwise arrive as a one-item list holding the text "[]")."""
+def _empty_lists(parts, empty_in_yaml: set[str]) -> None:
+    """An empty list stays empty: `field: []` in the YAML (which `_to_argv` cannot pass, argparse's nargs="+"
+    takes no zero values, so the field's default came back, e.g. pretrain's compare_tokenizers) and `--field []`
+    on the command line (which arrived as a one-item list holding the text "[]")."""
     for part in parts:
         for f in dataclasses.fields(part):
-            if getattr(part, f.name, None) == ["[]"]:
+            if f.name in empty_in_yaml or getattr(part, f.name, None) == ["[]"]:
                 setattr(part, f.name, [])
 
 

@@ -31,6 +31,15 @@ def test_command_line_empties_a_list_the_yaml_set(tmp_path):
     assert cfg.run.held_out_benchmarks == [] and cfg.run.held_out_tasks == ["a.jsonl"]
 
 
+def test_an_empty_list_in_the_yaml_is_not_the_default(tmp_path):
+    """pretrain's compare_tokenizers defaults to [smollm2-135m-instruct]; `compare_tokenizers: []` asks for none."""
+    from recipes.pretrain import _config
+
+    cfg = _config({"corpus": ["pydoc-topics"], "output_dir": str(tmp_path / "out"), "compare_tokenizers": [],
+                   "tokenizer_sweep": [400]})
+    assert cfg.run.compare_tokenizers == [] and cfg.run.tokenizer_sweep == [400]
+
+
 def test_dict_and_path_sources_agree(tmp_path):
     data = {"model_name_or_path": "tiny-llama", "output_dir": str(tmp_path / "o"), "max_length": 64}
     assert parse_config(SFTConfig, data).to_dict() == parse_config(SFTConfig, _yaml(tmp_path, data)).to_dict()
