@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # One process, no accelerate config file needed.
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install assets test test-slow test-browser demo sft_instruction sft_classification continued_pretraining \
+.PHONY: install assets test test-slow test-launchers test-browser demo sft_instruction sft_classification continued_pretraining \
 	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-data eval-bbh bench-ppo-peer peft-compare clean-venv
 
 install: $(STAMP)
@@ -37,6 +37,10 @@ test: install
 
 test-slow: assets
 	$(PY) -m pytest -q -m slow
+
+# every recipe x {cpu_ddp, deepspeed_zero2, deepspeed_zero3}, 2 processes: run, save, reload, resume (~40 min)
+test-launchers: install
+	$(PY) -m pytest -q -m launchers tests/test_launch_matrix.py
 
 # The end-to-end browser tests (hf-tuner label in headless Chromium, driven by Selenium) need Debian's
 # chromium and chromium-driver. They are installed here when missing; installing needs root (or

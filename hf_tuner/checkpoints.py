@@ -217,8 +217,10 @@ def agreed(choose):
 
 def train_resumable(trainer, run, output_dir: Path):
     """`trainer.train()` resuming as configured, stopping cleanly on SIGINT / SIGTERM (raises RunInterrupted)."""
+    from hf_tuner.distributed import trace_ranks
     from hf_tuner.training import mean_loss_across_processes, sync_checkpointing_kwargs
 
+    trace_ranks(trainer, output_dir)  # only with $HF_TUNER_RANK_TRACE set (the multi-process tests)
     sync_checkpointing_kwargs(trainer.args)  # TRL's PEFT + ZeRO-3 use_reentrant fix, where transformers reads it
     mean_loss_across_processes(trainer)  # heads whose loss is a plain mean are not scaled by the process count
     checkpoint = resume_point(trainer.args, run, output_dir)

@@ -154,6 +154,8 @@ def trace_ranks(trainer, output_dir: Path) -> None:
     import json
     import sys
 
+    import torch
+
     folder = os.environ.get(TRACE_ENV)
     if not folder:
         return
@@ -170,9 +172,11 @@ def trace_ranks(trainer, output_dir: Path) -> None:
 
     def traced(examples):
         batch = collate(examples)
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        rows = [row[m.bool()] if mask is not None else row for row, m in zip(ids, mask if mask is not None else ids)]
-        batches.append([hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows])
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None  # TRL's online trainers pass raw rows
+        if isinstance(ids, torch.Tensor):
+            mask = batch.get("attention_mask")
+            rows = [row[m.bool()] if mask is not None else row for row, m in zip(ids, mask if mask is not None else ids)]
+            batches.append([hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows])
         return batch
 
     trainer.data_collator = traced

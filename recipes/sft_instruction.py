@@ -72,7 +72,7 @@ def train(config=None) -> RunResult:
     from hf_tuner.checkpoints import train_resumable
     from hf_tuner.compact_loss import compact_loss_trainer
     from hf_tuner.devices import peak_rss_mb, set_cpu_threads
-    from hf_tuner.distributed import is_main_process, trace_ranks
+    from hf_tuner.distributed import is_main_process
     from hf_tuner.evaluation import GenerationTask, evaluate_model
     from hf_tuner.evaluation.benchmarks import from_run, report as report_benchmarks, run_on_main
     from hf_tuner.evaluation.report import gains, write_run_record
@@ -165,7 +165,6 @@ def train(config=None) -> RunResult:
     trainer = trainer_cls(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                           peft_config=peft.config, callbacks=[*peft.callbacks, clock.callback()])
     trainable, total = trainable_parameters(trainer.model)
-    trace_ranks(trainer, out)  # only with $HF_TUNER_RANK_TRACE set (multi-process tests)
     start = time.perf_counter()
     train_output = train_resumable(trainer, run, out)
     runtime = time.perf_counter() - start
