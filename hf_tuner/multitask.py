@@ -45,10 +45,11 @@ class TaskSpec:
 
 def _several_processes() -> bool:
     """Whether this forward runs in a process group of several ranks. There a head whose task is missing from this
-    rank's batch but present on another's still takes part, with a zero gradient: DeepSpeed's ZeRO reduces the
-    gradients of the parameters that have one, in buckets, so ranks that skipped different heads would send
-    buffers of different sizes (gloo: "Received data size doesn't match expected size"), and DDP would need
-    find_unused_parameters. With one process an absent task's head keeps no gradient, so AdamW leaves it be."""
+    rank's batch but present on another's still runs (on no rows) and takes a zero gradient: ZeRO-3 gathers a
+    module's partitions when the module runs and ZeRO-2 reduces the gradients there are, in buckets, so ranks that
+    skipped different heads would send buffers of different sizes (gloo: "Received data size doesn't match
+    expected size"), and DDP would need find_unused_parameters. With one process an absent task's head keeps no
+    gradient, so AdamW leaves it be."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -93,7 +94,7 @@ class MultiTaskModel(nn.Module):
                 continue
             if not rows.any():
                 if _several_processes():  # see _several_processes
-                    loss = loss + 0.0 * sum(p.sum() for p in self.heads[task.name].parameters())
+                    loss = loss + 0.0 * self.heads[task.name](pooled[:0]).sum()
                 continue
             out = self.heads[task.name](pooled[rows])
             if task.kind == "classification":
