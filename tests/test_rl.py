@@ -574,3 +574,20 @@ def test_ppo_checkpoints_keep_the_cuda_rng_states_too(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0][0], device_state[0])
     set_rng_states(states["cpu"])  # an older checkpoint: CPU only, nothing for the device
     assert torch.equal(torch.rand(3), expected) and len(restored) == 1
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_online_trainers_resume_from_the_given_checkpoint(tmp_path, tiny_llama, algorithm):
+    """resume_from_checkpoint reaches TRL's GRPO/RLOO trainer (its config was built without it, so a resumed run
+    silently started again from step 1)."""
+    from recipes.ppo_rlhf import train
+
+    cfg = _rl_config(tmp_path, tiny_llama, algorithm=algorithm, max_steps=2, num_generations=4, ppo_epochs=1,
+                     per_device_train_batch_size=4, save_strategy="steps", save_steps=1, eval_samples=4)
+    train(cfg)
+    first = tmp_path / "run" / "trl"
+    train({**cfg, "output_dir": str(tmp_path / "resumed"), "resume_from_checkpoint": str(first / "checkpoint-1")})
+    resumed = tmp_path / "resumed" / "trl"
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-2"]  # it started after step 1
+    state = json.loads((resumed / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and len([h for h in state["log_history"] if "reward" in h]) == 2

@@ -96,7 +96,7 @@ def train_trl(algorithm: str, model, tokenizer, reward_fn, prompts: list[str], a
     config_cls, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}[algorithm]
     shared = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
               "logging_steps", "use_cpu", "ddp_backend", "bf16", "lr_scheduler_type", "weight_decay", "max_grad_norm",
-              "report_to")
+              "report_to", "resume_from_checkpoint")
     # one of our steps is ppo_epochs of TRL's (num_iterations), so save_steps scales the same way
     config = config_cls(output_dir=str(out / "trl"), save_strategy=args.save_strategy,
                         save_steps=args.save_steps * (ppo.ppo_epochs if args.save_steps >= 1 else 1),
