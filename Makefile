@@ -38,7 +38,7 @@ test: install
 test-slow: assets
 	$(PY) -m pytest -q -m slow
 
-# every recipe x {cpu_ddp, deepspeed_zero2, deepspeed_zero3}, 2 processes: run, save, reload, resume (~40 min)
+# every recipe x {cpu_ddp, deepspeed_zero2, deepspeed_zero3}, 2 processes: run, save, reload, resume (~20 min)
 test-launchers: install
 	$(PY) -m pytest -q -m launchers tests/test_launch_matrix.py
 

@@ -8,7 +8,8 @@ resumed from that checkpoint, and checks what a user relies on:
   skipped the gather writes empty ones) and trained away from where it started;
 - the resumed launch takes up at step 3 and logs the uninterrupted run's losses for steps 3 and 4.
 
-About 35 s a launch, 70 launches: behind the `launchers` marker, `make test-launchers` (not in `make test`).
+30-75 s a cell (two launches), about 20 minutes in all: behind the `launchers` marker, `make test-launchers`
+(not in `make test`).
 The cells `make test` already covers elsewhere (sft_instruction under DDP and ZeRO-3, sft_classification under
 ZeRO-2, GRPO under ZeRO-3, our PPO) are not repeated. docs/scale-out.md's matrix records the outcome.
 """
