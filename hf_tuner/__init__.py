@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # 1,024 entries (ideep's LRU_CACHE_CAPACITY, oneDNN's own ONEDNN_PRIMITIVE_CACHE_CAPACITY) and never frees them.
 # Training batches of varying lengths build new ones at every step: the demo's bf16 LoRA training peaked at 3.2 GB
 # where fp32 peaks at 2.3, and the evaluations after it started from there. With 64 and 16 entries training peaks
-# at 2.3 GB and the whole demo at 2.5, with the same losses bit for bit and training about 7% slower; 256 and 64
+# at 2.3 GB and the whole demo at 2.6, with the same losses bit for bit and training about 7% slower; 256 and 64
 # kept the speed but the demo still peaked at 2.8 GB; 16 ideep entries recompute within a step (9x slower).
 # benchmarks/results/bf16_cache_caps_2026-12-02.md. oneDNN reads them when the first bf16 matmul runs, so they
 # are set at import; a value already in the environment is kept.
