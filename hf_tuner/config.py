@@ -323,7 +323,8 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         os.environ[str(key)] = str(value)
 
     mapping = _migrate(mapping, where)
-    given = frozenset(mapping) | {a[2:].split("=")[0] for a in cli if a.startswith("--")}
+    cli_keys = {a[2:].split("=")[0] for a in cli if a.startswith("--")}
+    given = frozenset(mapping) | cli_keys
     # TRL's configs carry trust_remote_code; transformers' TrainingArguments does not: it is ours there.
     own_trust = None if "trust_remote_code" in known else _pop_flag(mapping, cli, "trust_remote_code")
     unknown = [k for k in mapping if k not in known]
@@ -349,7 +350,6 @@ def parse_config(training_cls: type, source: Any = None, run_cls: type = RunArgu
         raise ConfigError(f"{where}: {message}") from e
     if remaining:
         raise ConfigError(f"unknown command-line argument(s): {' '.join(remaining)}")
-    cli_keys = {a[2:].split("=")[0] for a in cli if a.startswith("--")}
     _empty_lists((run, script, training, model),
                  {k for k, v in mapping.items() if isinstance(v, (list, tuple)) and not v and k not in cli_keys})
     from hf_tuner.models import configure_loading
