@@ -118,3 +118,34 @@ def test_a_tiny_model_built_on_rank_1_holds_its_weights(tmp_path, monkeypatch):
     assert (tmp_path / "tiny" / "model.safetensors").exists()
     monkeypatch.undo()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").config.num_hidden_layers == 2
+
+
+def test_every_default_config_needs_only_what_make_assets_fetches():
+    """A recipe default that names an asset `make assets` leaves out fails on a fresh clone (as the demo did when PyPI
+    withdrew the bigbench sdist): every asset a shipped config names, directly or through a benchmark suite, is
+    fetched by default or built locally."""
+    import yaml
+
+    from hf_tuner.evaluation.benchmarks import LOCAL, expand
+
+    def named(value):
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in named(v)]
+        if isinstance(value, list):
+            return [n for v in value for n in named(v)]
+        return [value] if isinstance(value, str) and value in assets.ASSETS else []
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert configs
+    needed = {}
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        for name in named(config):
+            needed.setdefault(name, path.name)
+        for task in expand(config.get("held_out_benchmarks") or []):
+            for prefix, (asset, _) in LOCAL.items():
+                if task.startswith(prefix):
+                    needed.setdefault(asset, path.name)
+    assert "smollm2-135m-instruct" in needed and any(LOCAL[p][0] in needed for p in LOCAL)  # it reads both kinds
+    for name, config in needed.items():
+        assert name in assets.DEFAULT_FETCH or assets.ASSETS[name].package == "local", (config, name)
