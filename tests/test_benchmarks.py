@@ -289,3 +289,29 @@ def test_a_task_that_reports_acc_norm_is_scored_by_it(tmp_path, tiny_llama):
     assert task["metric"] == "acc_norm" and task["acc"] == pytest.approx(lm_eval_json["acc_norm,none"])
     assert task["correct"] == [s["acc_norm"] for s in sorted(samples, key=lambda s: s["doc_id"])]
     assert lm_eval_json["acc_norm,none"] != lm_eval_json["acc,none"]  # the two do differ on these answers
+
+
+def test_prefix_sharing_runs_each_context_once_when_its_choices_differ_in_length(tiny_llama, monkeypatch):
+    """lm-eval orders requests by context + continuation length, which scatters an item's choices among other items';
+    ordered by context, the 4 choices of an item share one batch of 8, so each context runs once."""
+    from hf_tuner.evaluation.lm_eval_model import PrefixSharingHFLM
+    from hf_tuner.models import load_model
+
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    lm = PrefixSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)
+    choices = [" a", " a stone", " a river in the north", " a plum tree that grows by the old glass house"]
+    requests = []
+    for w in WORDS:
+        for choice in choices:
+            requests.append(((w, choice), tokenizer(f"Q: What is the {w}?\nA:")["input_ids"],
+                             tokenizer(choice)["input_ids"]))
+    contexts_run = []
+    original = PrefixSharingHFLM._scored_logits
+
+    def counted(self, ids, found):
+        contexts_run.extend({tuple(r[:length - n]) for r, (length, n) in zip(ids, found)})
+        return original(self, ids, found)
+
+    monkeypatch.setattr(PrefixSharingHFLM, "_scored_logits", counted)
+    lm._loglikelihood_tokens(requests)
+    assert len(contexts_run) == len(WORDS) == len(set(contexts_run))

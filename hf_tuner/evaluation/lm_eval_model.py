@@ -13,12 +13,35 @@ logits at the positions lm-eval reads, computed as follows:
   lm-eval's own slicing (`inplen + logits.shape[0] - padding_len_inp`, meant for virtual tokens) still
   lands on the scored positions.
 The arithmetic is lm-eval's; tests/test_benchmarks.py checks the numbers against lm-eval's own command.
+
+Sharing needs the choices of an item in one batch. lm-eval orders requests by the length of context + continuation,
+which on a large run scatters an item's choices among other items' (its choices differ in length), so each batch
+held many contexts, once each. The requests are ordered by context instead (longest first, then each context's
+choices together): `_ContextFirst` below, lm-eval's own `Collator` with only that sort key changed.
 """
 
 from __future__ import annotations
 
 import torch
+from lm_eval.models import huggingface as lm_eval_hf
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+
+
+def context_first(req) -> tuple:
+    """Sort key of a log-likelihood request (strings, context ids, continuation ids): the longest contexts first,
+    each context's continuations together, longest first."""
+    _, context, continuation = req
+    return -len(context), tuple(context), -len(continuation)
+
+
+class _ContextFirst(Collator):
+    """lm-eval's Collator for HFLM's log-likelihood requests, ordered by `context_first` (HFLM passes its sort key
+    as an inner function, so the class is what can be swapped; generation's Collator is left alone)."""
+
+    def __init__(self, arr, sort_fn=lambda x: x, group_fn=lambda x: x[1], group_by=None):
+        super().__init__(arr, sort_fn=context_first if group_by != "gen_kwargs" else sort_fn, group_fn=group_fn,
+                         group_by=group_by)
 
 
 class PrefixSharingHFLM(HFLM):
@@ -31,10 +54,15 @@ class PrefixSharingHFLM(HFLM):
             key = tuple((context + continuation)[-(self.max_length + 1):][:-1])
             rows[key] = max(rows.get(key, 0), len(continuation))
         self._rows = rows
+        # "auto" batch sizes are found on the first (longest) request, which context_first does not keep first
+        swap = self.batch_size != "auto" and override_bs is None
+        if swap:
+            lm_eval_hf.Collator = _ContextFirst
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
             self._rows = None
+            lm_eval_hf.Collator = Collator
 
     def _find(self, ids: list[int]) -> tuple[int, int] | None:
         """(input length, positions scored) of one right-padded row: HFLM pads with token id 0, which a row
